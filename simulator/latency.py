@@ -1,0 +1,208 @@
+"""Step-time latency model: how long one engine step takes, given what is in the batch.
+
+One engine step (one forward pass of vLLM's continuous-batching loop) processes
+
+* prefill chunks: for chunk i, ``n_i`` new prompt tokens whose attention spans ``c_i`` tokens already in the
+  cache plus the chunk itself;
+* decode sequences: ``D`` sequences each producing one token, with total context ``C`` tokens.
+
+The model is linear in physics-shaped features (the form the profiler fits, issue "Profiler and predictor")::
+
+    step_s = base_s
+           + per_prefill_token_s * sum(n_i)                       # GEMMs: FLOPs ~ 2 * params per token
+           + per_prefill_attn_s  * sum(n_i * (c_i + n_i / 2))      # causal attention over the context
+           + per_decode_seq_s    * D                              # per-sequence GEMM/sampling cost
+           + per_decode_ctx_s    * C                              # reading the KV cache of every sequence
+
+plus, for prefill/decode disaggregation, ``kv_transfer_s(tokens) = kv_transfer_base_s + per_token_s * tokens``.
+
+The artifact is JSON (it is mounted from ConfigMaps; never pickle). ``load_latency_model`` validates every field
+and names the one that is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "kvscale.latency-model"
+SCHEMA_VERSION = 1
+STEP_FORM = "linear-v1"
+COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_prefill_attn_s", "per_decode_seq_s", "per_decode_ctx_s")
+
+
+class LatencyModelError(ValueError):
+    """A latency-model artifact is malformed; the message names the field."""
+
+
+@dataclass(frozen=True, slots=True)
+class StepCoefficients:
+    base_s: float
+    per_prefill_token_s: float
+    per_prefill_attn_s: float
+    per_decode_seq_s: float
+    per_decode_ctx_s: float
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """A step-time model plus the metadata saying what it describes and how good it is."""
+
+    name: str
+    coefficients: StepCoefficients
+    kv_transfer_base_s: float = 0.0
+    kv_transfer_per_token_s: float = 0.0
+    kind: str = "estimate"  # estimate | measured | fitted
+    hardware: str = ""
+    model: str = ""
+    engine: str = ""
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # derivation, fit range, validation, dates, ...
+
+    def step_time(self, prefill_tokens: int, prefill_attn: float, decode_seqs: int, decode_ctx: int) -> float:
+        """Seconds for one step. ``prefill_attn`` is ``sum(n_i * (c_i + n_i / 2))`` over the prefill chunks."""
+        c = self.coefficients
+        if prefill_tokens == 0 and decode_seqs == 0:
+            return 0.0
+        return (
+            c.base_s
+            + c.per_prefill_token_s * prefill_tokens
+            + c.per_prefill_attn_s * prefill_attn
+            + c.per_decode_seq_s * decode_seqs
+            + c.per_decode_ctx_s * decode_ctx
+        )
+
+    def prefill_time(self, tokens: int, cached: int = 0) -> float:
+        """One request prefilled alone in one step (``tokens`` new tokens after ``cached`` cached ones)."""
+        return self.step_time(tokens, prefill_attn_term(tokens, cached), 0, 0)
+
+    def decode_step_time(self, batch: int, total_ctx: int) -> float:
+        return self.step_time(0, 0.0, batch, total_ctx)
+
+    def kv_transfer_time(self, tokens: int) -> float:
+        if tokens <= 0:
+            return 0.0
+        return self.kv_transfer_base_s + self.kv_transfer_per_token_s * tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "version": SCHEMA_VERSION,
+            "name": self.name,
+            "kind": self.kind,
+            "hardware": self.hardware,
+            "model": self.model,
+            "engine": self.engine,
+            "notes": self.notes,
+            "step_time": {"form": STEP_FORM, "coefficients": asdict(self.coefficients)},
+            "kv_transfer": {"base_s": self.kv_transfer_base_s, "per_token_s": self.kv_transfer_per_token_s},
+            **self.extra,
+        }
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+
+def prefill_attn_term(new_tokens: int, context_before: int) -> float:
+    """Attention work of a prefill chunk: each new token attends to the cached context and half the chunk."""
+    return new_tokens * (context_before + new_tokens / 2.0)
+
+
+def _number(d: dict[str, Any], key: str, where: str, *, default: float | None = None) -> float:
+    if key not in d:
+        if default is not None:
+            return default
+        raise LatencyModelError(f"{where}.{key}: missing")
+    v = d[key]
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise LatencyModelError(f"{where}.{key}: expected a finite number, got {v!r}")
+    if v < 0:
+        raise LatencyModelError(f"{where}.{key}: must be >= 0, got {v!r}")
+    return float(v)
+
+
+def _str(d: dict[str, Any], key: str) -> str:
+    v = d.get(key, "")
+    if not isinstance(v, str):
+        raise LatencyModelError(f"{key}: expected a string, got {type(v).__name__}")
+    return v
+
+
+def latency_model_from_dict(d: Any) -> LatencyModel:
+    if not isinstance(d, dict):
+        raise LatencyModelError("latency model: expected a JSON object at the top level")
+    if d.get("schema") != SCHEMA:
+        raise LatencyModelError(f"schema: expected {SCHEMA!r}, got {d.get('schema')!r}")
+    version = d.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise LatencyModelError(f"version: expected an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise LatencyModelError(
+            f"version: artifact is version {version}, this kvscale reads up to {SCHEMA_VERSION}; upgrade kvscale"
+        )
+    st = d.get("step_time")
+    if not isinstance(st, dict):
+        raise LatencyModelError("step_time: missing or not an object")
+    if st.get("form") != STEP_FORM:
+        raise LatencyModelError(f"step_time.form: expected {STEP_FORM!r}, got {st.get('form')!r}")
+    coeffs = st.get("coefficients")
+    if not isinstance(coeffs, dict):
+        raise LatencyModelError("step_time.coefficients: missing or not an object")
+    unknown = set(coeffs) - set(COEFFICIENTS)
+    if unknown:
+        raise LatencyModelError(f"step_time.coefficients: unknown field(s) {sorted(unknown)}")
+    c = StepCoefficients(**{k: _number(coeffs, k, "step_time.coefficients") for k in COEFFICIENTS})
+    kv = d.get("kv_transfer", {})
+    if not isinstance(kv, dict):
+        raise LatencyModelError("kv_transfer: expected an object")
+    kind = _str(d, "kind") or "estimate"
+    if kind not in ("estimate", "measured", "fitted"):
+        raise LatencyModelError(f"kind: expected estimate|measured|fitted, got {kind!r}")
+    known = {"schema", "version", "name", "kind", "hardware", "model", "engine", "notes", "step_time", "kv_transfer"}
+    return LatencyModel(
+        name=_str(d, "name") or "unnamed",
+        coefficients=c,
+        kv_transfer_base_s=_number(kv, "base_s", "kv_transfer", default=0.0),
+        kv_transfer_per_token_s=_number(kv, "per_token_s", "kv_transfer", default=0.0),
+        kind=kind,
+        hardware=_str(d, "hardware"),
+        model=_str(d, "model"),
+        engine=_str(d, "engine"),
+        notes=_str(d, "notes"),
+        extra={k: v for k, v in d.items() if k not in known},
+    )
+
+
+def builtin_models() -> list[str]:
+    """Names of the latency models shipped in ``simulator/models``."""
+    files = resources.files("simulator.models")
+    return sorted(p.name.removesuffix(".json") for p in files.iterdir() if p.name.endswith(".json"))
+
+
+def load_latency_model(spec: str | Path) -> LatencyModel:
+    """Load a latency model from a JSON file path or a built-in name (see ``builtin_models``)."""
+    path = Path(spec)
+    if path.suffix == ".json" or path.exists():
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise LatencyModelError(f"latency model {str(spec)!r}: cannot read file: {e.strerror}") from e
+    else:
+        res = resources.files("simulator.models").joinpath(f"{spec}.json")
+        if not res.is_file():
+            raise LatencyModelError(
+                f"latency model {str(spec)!r}: no such file or built-in model (built-ins: {builtin_models()})"
+            )
+        text = res.read_text()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise LatencyModelError(f"latency model {str(spec)!r}: invalid JSON: {e}") from e
+    return latency_model_from_dict(data)
+
+
+DEFAULT_MODEL = "llama-3.1-8b-h100"
