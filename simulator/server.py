@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -79,14 +80,17 @@ class ApiError(Exception):
 
 
 class _Stream:
-    """Tokens of one request as the engine loop delivers them."""
+    """One request's link to its handler. The engine loop calls ``sink`` (streaming: writes SSE chunks straight to
+    the socket, no per-token task wake-up) and resolves ``done`` when the request finishes."""
 
-    __slots__ = ("finished", "queue", "req")
+    __slots__ = ("disconnected", "done", "finished", "req", "sink")
 
     def __init__(self, req: Request) -> None:
         self.req = req
-        self.queue: asyncio.Queue[int] = asyncio.Queue()  # number of new tokens per delivery; 0 = finished
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.finished = False
+        self.disconnected = False
+        self.sink: Callable[[int, bool, float], None] | None = None  # (new tokens, last, modelled time)
 
 
 class EngineRunner:
@@ -119,14 +123,12 @@ class EngineRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def submit(self, req: Request) -> _Stream:
-        stream = _Stream(req)
+    def submit(self, req: Request, stream: _Stream) -> None:
         req.user = stream
         self.engine.add_request(req, self.clock())
         if req.remote_prefill is not None:
             self._remote_pulls[req.request_id] = req
         self._wake.set()
-        return stream
 
     def abort(self, req: Request) -> None:
         if self.engine.abort_request(req.request_id, self.clock()) is not None:
@@ -158,19 +160,26 @@ class EngineRunner:
                 await asyncio.sleep(delay)
             self._deliver(out)
 
+    def record_lateness(self, scheduled: float) -> None:
+        """A token reached the client's socket; how late versus the engine model's schedule."""
+        self.lateness.add(max(self.clock() - scheduled, 0.0))
+
     def _deliver(self, out: StepOutput) -> None:
-        t = self.clock()
-        self.lateness.add(max(t - out.end, 0.0))
         self.steps += 1
         itl = out.end - out.start
+        end = out.end
         for req, n in out.outputs:
             if n:
                 if req.num_output_tokens > 1:
                     self.metrics.observe_itl(itl)
-                req.user.queue.put_nowait(n)
+                sink = req.user.sink
+                if sink is not None:
+                    sink(n, req.status.finished, end)
         for req in out.finished:
-            req.user.finished = True
-            req.user.queue.put_nowait(0)
+            stream = req.user
+            stream.finished = True
+            if not stream.done.done():
+                stream.done.set_result(None)
             self.metrics.observe_finished(req)
         if self._remote_pulls:
             for rid, req in list(self._remote_pulls.items()):
@@ -262,6 +271,7 @@ class SimServer:
         return app
 
     async def _on_startup(self, app: web.Application) -> None:
+        gc.freeze()  # long-lived objects out of the collector's way: fewer pauses on the streaming path
         if self.config.kv_events.active:
             self.publisher = ZmqKVEventPublisher(self.config.kv_events)
             self.publisher.start()
@@ -368,7 +378,7 @@ class SimServer:
             raise ApiError(413, "request body too large") from e
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints, nesting
             raise ApiError(400, f"invalid JSON body: {e}") from e
         if not isinstance(body, dict):
             raise ApiError(400, "request body must be a JSON object")
@@ -440,6 +450,10 @@ class SimServer:
                 f"your request has {len(tokens)} input tokens ({max_tokens} > {max_len} - {len(tokens)}).",
                 key,
             )
+        capacity = self.engine.config.num_gpu_blocks * self.engine.config.block_size
+        if len(tokens) + max_tokens > capacity:
+            raise ApiError(400, f"prompt plus '{key}' ({len(tokens) + max_tokens} tokens) exceeds the KV cache "
+                           f"capacity of {capacity} tokens", key)  # fmt: skip
         stream = body.get("stream", False)
         if not isinstance(stream, bool):
             raise ApiError(400, "'stream' must be a boolean", "stream")
@@ -504,11 +518,9 @@ class SimServer:
             req = self._make_request(p)
         except ApiError as e:
             return e.response()
-        assert self.runner is not None
-        try:
-            stream = self.runner.submit(req)
-        except ValueError as e:
-            return ApiError(400, str(e)).response()
+        runner = self.runner
+        assert runner is not None
+        stream = _Stream(req)
         log.debug("request %s prompt_hash=%s tokens=%d", req.request_id, _prompt_hash(p.prompt_token_ids),
                   req.num_prompt_tokens)  # fmt: skip
         if p.lora_name:
@@ -516,10 +528,12 @@ class SimServer:
         try:
             if p.stream:
                 return await self._stream(request, p, req, stream)
-            return await self._complete(p, req, stream)
+            runner.submit(req, stream)
+            await stream.done
+            return self._complete(p, req)
         finally:
             if not stream.finished:
-                self.runner.abort(req)
+                runner.abort(req)
             if p.lora_name:
                 self.metrics.running_loras[p.lora_name] -= 1
 
@@ -534,9 +548,7 @@ class SimServer:
     def _text(self, ids: list[int]) -> str:
         return "".join(self.tokenizer.decode_token(t) for t in ids)
 
-    async def _complete(self, p: ParsedRequest, req: Request, stream: _Stream) -> web.Response:
-        while await stream.queue.get():
-            pass
+    def _complete(self, p: ParsedRequest, req: Request) -> web.Response:
         text = self._text(req.output_token_ids)
         created = int(time.time())
         if p.chat:
@@ -567,35 +579,58 @@ class SimServer:
     async def _stream(
         self, request: web.Request, p: ParsedRequest, req: Request, stream: _Stream
     ) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control":
-                                           "no-cache"})  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache"})  # fmt: skip
         await resp.prepare(request)
-        created = int(time.time())
+        runner = self.runner
+        assert runner is not None
         head = json.dumps({"id": req.request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
-                           "created": created, "model": p.model})[:-1]  # fmt: skip
+                           "created": int(time.time()), "model": p.model})[:-1]  # fmt: skip
+        if p.chat:
+            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}  # fmt: skip
+            await resp.write(f'data: {head}, "choices": [{json.dumps(first)}]}}\n\n'.encode())
+        transport = request.transport
+        chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"  # HTTP/1.1; not for HTTP/1.0
+        sent = 0
+
+        if p.chat:
+            pre = f'data: {head}, "choices": [{{"index": 0, "delta": {{"content": '.encode()
+            post = b'}, "logprobs": null, "finish_reason": %b}]}\n\n'
+        else:
+            pre = f'data: {head}, "choices": [{{"index": 0, "text": '.encode()
+            post = b', "logprobs": null, "finish_reason": %b, "stop_reason": null}]}\n\n'
+        post_running = post % b"null"
+        write = transport.write if transport is not None else None
+        text_of = self._text
+
+        def sink(n: int, last: bool, scheduled: float) -> None:
+            """Called by the engine loop: one SSE event, written as one HTTP/1.1 chunk straight to the socket."""
+            nonlocal sent
+            if write is None or transport.is_closing():
+                stream.disconnected = True
+                stream.sink = None
+                if not stream.done.done():
+                    stream.done.set_result(None)
+                return
+            new = req.output_token_ids[sent : sent + n]
+            sent += n
+            tail = post % json.dumps(req.finish_reason).encode() if last else post_running
+            data = pre + json.dumps(text_of(new)).encode() + tail
+            write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)  # framed as aiohttp would
+            runner.record_lateness(scheduled)
+
+        stream.sink = sink
+        runner.submit(req, stream)
+        await stream.done
+        if stream.disconnected:
+            log.debug("client of %s went away", req.request_id)
+            return resp
         try:
-            if p.chat:
-                first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None}  # fmt: skip
-                await resp.write(f'data: {head}, "choices": [{json.dumps(first)}]}}\n\n'.encode())
-            sent = 0
-            while (n := await stream.queue.get()) > 0:
-                new = req.output_token_ids[sent : sent + n]
-                sent += n
-                last = stream.finished and sent >= req.num_output_tokens
-                finish = json.dumps(req.finish_reason) if last else "null"
-                text = json.dumps(self._text(new))
-                if p.chat:
-                    choice = (f'{{"index": 0, "delta": {{"content": {text}}}, "logprobs": null, '
-                              f'"finish_reason": {finish}}}')
-                else:
-                    choice = (f'{{"index": 0, "text": {text}, "logprobs": null, "finish_reason": {finish}, '
-                              f'"stop_reason": null}}')  # fmt: skip
-                await resp.write(f'data: {head}, "choices": [{choice}]}}\n\n'.encode())
             if p.include_usage:
                 usage = json.dumps(self._usage(req))
                 await resp.write(f'data: {head}, "choices": [], "usage": {usage}}}\n\n'.encode())
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionResetError:
-            log.debug("client of %s went away", req.request_id)  # the caller aborts the request
+            log.debug("client of %s went away", req.request_id)
         return resp
