@@ -32,6 +32,12 @@ from simulator.request import Request
 from simulator.tokenizer import Tokenizer
 
 log = logging.getLogger("kvscale.sim")
+FINGERPRINT = "vllm-0.32.0-kvscale-sim"
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON, as vLLM (FastAPI/pydantic) writes it."""
+    return json.dumps(obj, separators=(",", ":"))
 
 ROLES = ("both", "prefill", "decode")
 
@@ -61,22 +67,28 @@ class ApiError(Exception):
 
     TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "BadRequestError", 503: "ServiceUnavailableError"}
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.type = type_ or self.TYPES.get(status, "BadRequestError")
+
+    @classmethod
+    def validation(cls, field: str, message: str) -> ApiError:
+        """A request-schema error, shaped like vLLM's (pydantic) validation errors."""
+        return cls(400, f"1 validation error:\n  {message}", f"body.{field}" if field else "body", "Bad Request")
 
     def response(self) -> web.Response:
         body = {
             "error": {
                 "message": self.message,
-                "type": self.TYPES.get(self.status, "BadRequestError"),
+                "type": self.type,
                 "param": self.param,
                 "code": self.status,
             }
         }
-        return web.json_response(body, status=self.status)
+        return web.json_response(body, status=self.status, dumps=_dumps)
 
 
 class _Stream:
@@ -198,10 +210,28 @@ def _int_param(body: dict[str, Any], name: str, default: int | None, minimum: in
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError(400, f"'{name}' must be an integer, got {type(v).__name__}", name)
+        raise ApiError.validation(name, f"'{name}': Input should be a valid integer, got {type(v).__name__}")
     if v < minimum:
-        raise ApiError(400, f"'{name}' must be at least {minimum}, got {v}", name)
+        raise ApiError(400, f"{name} must be at least {minimum}, got {v}.", name)
     return v
+
+
+_TRUE = {"true", "yes", "y", "on", "1", "t"}
+_FALSE = {"false", "no", "n", "off", "0", "f"}
+
+
+def _bool_param(body: dict[str, Any], name: str) -> bool:
+    """A boolean with pydantic's lax parsing, as vLLM accepts it ("yes", "true", 1, ...)."""
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.lower() in _TRUE | _FALSE:
+        return v.lower() in _TRUE
+    raise ApiError.validation(name, f"'{name}': Input should be a valid boolean")
 
 
 def _prompt_hash(tokens: list[int]) -> str:
@@ -379,9 +409,9 @@ class SimServer:
         try:
             body = json.loads(raw)
         except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints, nesting
-            raise ApiError(400, f"invalid JSON body: {e}") from e
+            raise ApiError.validation("", f"JSON decode error: {e}") from e
         if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object")
+            raise ApiError.validation("", "Input should be a valid dictionary or object")
         return body
 
     def _parse(self, body: dict[str, Any], chat: bool) -> ParsedRequest:
@@ -389,13 +419,14 @@ class SimServer:
         if model is None:
             model = self.config.model_names[0]  # vLLM serves the default model when none is named
         if not isinstance(model, str):
-            raise ApiError(400, "'model' must be a string", "model")
+            raise ApiError.validation("model", "'model': Input should be a valid string")
         lora = None
         if model not in self.config.model_names:
             if model in self.config.lora_modules:
                 lora = model
             else:
-                raise ApiError(404, f"The model `{model}` does not exist.", "model")
+                aliases = ", ".join([*self.config.model_names, *self.config.lora_modules])
+                raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {aliases}.", "model")
         if chat:
             messages = body.get("messages")
             if not isinstance(messages, list) or not messages:
@@ -435,39 +466,39 @@ class SimServer:
         if len(tokens) >= max_len:
             raise ApiError(
                 400,
-                f"This model's maximum context length is {max_len} tokens. However, your request has "
-                f"{len(tokens)} input tokens. Please reduce the length of the input messages.",
-                "messages" if chat else "prompt",
+                f"This model's maximum context length is {max_len} tokens. However, your prompt contains at least "
+                f"{len(tokens)} input tokens, which exceeds this limit even without any output tokens. Please "
+                f"reduce the length of the input prompt. (parameter=input_tokens, value={len(tokens)})",
+                "input_tokens",
             )
         key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
         default = max_len - len(tokens) if chat else self.config.default_max_tokens
         max_tokens = _int_param(body, key, default, 1)
         assert max_tokens is not None
-        if len(tokens) + max_tokens > max_len:
+        if max_tokens > max_len:
             raise ApiError(
                 400,
-                f"'{key}' is too large: {max_tokens}. This model's maximum context length is {max_len} tokens and "
-                f"your request has {len(tokens)} input tokens ({max_tokens} > {max_len} - {len(tokens)}).",
-                key,
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={max_len}. Please request fewer "
+                f"output tokens. (parameter=max_tokens, value={max_tokens})",
+                "max_tokens",
             )
+        max_tokens = min(max_tokens, max_len - len(tokens))  # vLLM caps the output at the context length
         capacity = self.engine.config.num_gpu_blocks * self.engine.config.block_size
         if len(tokens) + max_tokens > capacity:
             raise ApiError(400, f"prompt plus '{key}' ({len(tokens) + max_tokens} tokens) exceeds the KV cache "
                            f"capacity of {capacity} tokens", key)  # fmt: skip
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ApiError(400, "'stream' must be a boolean", "stream")
+        stream = _bool_param(body, "stream")
         opts = body.get("stream_options")
         if opts is not None and not isinstance(opts, dict):
-            raise ApiError(400, "'stream_options' must be an object", "stream_options")
+            raise ApiError.validation("stream_options", "'stream_options': Input should be a valid dictionary")
         include_usage = bool(opts and opts.get("include_usage"))
         ktp = body.get("kv_transfer_params")
         if ktp is not None and not isinstance(ktp, dict):
-            raise ApiError(400, "'kv_transfer_params' must be an object", "kv_transfer_params")
+            raise ApiError.validation("kv_transfer_params", "'kv_transfer_params': Input should be a valid dictionary")
         for name in ("temperature", "top_p"):
             v = body.get(name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-                raise ApiError(400, f"'{name}' must be a number", name)
+                raise ApiError.validation(name, f"'{name}': Input should be a valid number")
         return ParsedRequest(chat, model, tokens, max_tokens, stream, include_usage, ktp, lora)
 
     # -- generation ----------------------------------------------------------------------------------------------
@@ -550,31 +581,25 @@ class SimServer:
 
     def _complete(self, p: ParsedRequest, req: Request) -> web.Response:
         text = self._text(req.output_token_ids)
-        created = int(time.time())
+        usage = self._usage(req)
+        usage["prompt_tokens_details"].update(created_cache_tokens=0 if p.chat else None, multimodal_tokens=None)
+        usage["completion_tokens_details"] = None
+        body: dict[str, Any] = {"id": req.request_id, "object": "chat.completion" if p.chat else "text_completion",
+                                "created": int(time.time()), "model": p.model}  # fmt: skip
         if p.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None, "tool_calls": [],
-                            "reasoning_content": None},  # fmt: skip
-                "logprobs": None,
-                "finish_reason": req.finish_reason,
-                "stop_reason": None,
-            }
-            obj = "chat.completion"
+            message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
+                       "function_call": None, "reasoning": None}  # fmt: skip
+            body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": req.finish_reason,
+                                "stop_reason": None, "token_ids": None, "routed_experts": None}]  # fmt: skip
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason,
-                      "stop_reason": None, "prompt_logprobs": None}  # fmt: skip
-            obj = "text_completion"
-        body = {
-            "id": req.request_id,
-            "object": obj,
-            "created": created,
-            "model": p.model,
-            "choices": [choice],
-            "usage": self._usage(req),
-            "kv_transfer_params": self._kv_transfer_params(req),
-        }
-        return web.json_response(body)
+            body["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason,
+                                "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
+                                "prompt_token_ids": None, "routed_experts": None}]  # fmt: skip
+        body.update(service_tier=None, system_fingerprint=FINGERPRINT, usage=usage)
+        if p.chat:
+            body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
+        body.update(kv_transfer_params=self._kv_transfer_params(req), ec_transfer_params=None, metrics=None)
+        return web.json_response(body, dumps=_dumps)
 
     async def _stream(
         self, request: web.Request, p: ParsedRequest, req: Request, stream: _Stream
@@ -584,22 +609,27 @@ class SimServer:
         await resp.prepare(request)
         runner = self.runner
         assert runner is not None
-        head = json.dumps({"id": req.request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
-                           "created": int(time.time()), "model": p.model})[:-1]  # fmt: skip
+        head = _dumps({"id": req.request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
+                       "created": int(time.time()), "model": p.model})[:-1]  # fmt: skip
         if p.chat:
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}  # fmt: skip
-            await resp.write(f'data: {head}, "choices": [{json.dumps(first)}]}}\n\n'.encode())
+            await resp.write(
+                f'data: {head},"choices":[{_dumps(first)}],"prompt_token_ids":null,"prompt_text":null}}\n\n'.encode()
+            )
         transport = request.transport
         chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"  # HTTP/1.1; not for HTTP/1.0
         sent = 0
 
         if p.chat:
-            pre = f'data: {head}, "choices": [{{"index": 0, "delta": {{"content": '.encode()
-            post = b'}, "logprobs": null, "finish_reason": %b}]}\n\n'
+            pre = f'data: {head},"choices":[{{"index":0,"delta":{{"content":'.encode()
+            post = b'},"logprobs":null,"finish_reason":%b,"token_ids":null}]}\n\n'
+            post_last = b'},"logprobs":null,"finish_reason":%b,"stop_reason":null,"token_ids":null}]}\n\n'
         else:
-            pre = f'data: {head}, "choices": [{{"index": 0, "text": '.encode()
-            post = b', "logprobs": null, "finish_reason": %b, "stop_reason": null}]}\n\n'
+            pre = f'data: {head},"choices":[{{"index":0,"text":'.encode()
+            post = (b',"logprobs":null,"finish_reason":%b,"stop_reason":null,"prompt_token_ids":null,'
+                    b'"token_ids":null}]}\n\n')
+            post_last = post
         post_running = post % b"null"
         write = transport.write if transport is not None else None
         text_of = self._text
@@ -615,7 +645,7 @@ class SimServer:
                 return
             new = req.output_token_ids[sent : sent + n]
             sent += n
-            tail = post % json.dumps(req.finish_reason).encode() if last else post_running
+            tail = post_last % json.dumps(req.finish_reason).encode() if last else post_running
             data = pre + json.dumps(text_of(new)).encode() + tail
             write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)  # framed as aiohttp would
             runner.record_lateness(scheduled)
@@ -628,8 +658,13 @@ class SimServer:
             return resp
         try:
             if p.include_usage:
-                usage = json.dumps(self._usage(req))
-                await resp.write(f'data: {head}, "choices": [], "usage": {usage}}}\n\n'.encode())
+                u = self._usage(req)
+                if p.chat:
+                    u["prompt_tokens_details"]["created_cache_tokens"] = 0
+                usage = _dumps(u)
+                await resp.write(
+                    f'data: {head},"choices":[],"usage":{usage},"system_fingerprint":"{FINGERPRINT}"}}\n\n'.encode()
+                )
             await resp.write(b"data: [DONE]\n\n")
         except ConnectionResetError:
             log.debug("client of %s went away", req.request_id)
