@@ -18,7 +18,7 @@ $(STAMP)/engine: | $(BIN)/python
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	@mkdir -p $(STAMP) && touch $@
 
-$(STAMP)/project: pyproject.toml $(STAMP)/engine | $(BIN)/python
+$(STAMP)/project: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
 	@mkdir -p $(STAMP) && touch $@
 
@@ -29,11 +29,12 @@ install-engine: $(STAMP)/engine
 lint: install
 	$(BIN)/ruff check .
 
-test: install
+# The integration tests run against the real vLLM engine, so `make test` installs it.
+test: install install-engine
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra tests/unit tests/integration
 
-bench: install
+bench: install install-engine
 	$(BIN)/python -m pytest -ra -s tests/bench
 
 demo: install

@@ -1,0 +1,1 @@
+"""Test and benchmark helpers: a tiny local model, process management, and a real vLLM CPU server."""
