@@ -133,7 +133,10 @@ def decode_batch(payload: bytes) -> EventBatch:
     if not isinstance(wire, list) or len(wire) < 2 or not isinstance(wire[1], list):
         raise KVEventDecodeError("batch must be [ts, [events], data_parallel_rank?]")
     dp = wire[2] if len(wire) > 2 else None
-    return EventBatch(ts=float(wire[0]), events=[_event_from_wire(e) for e in wire[1]], data_parallel_rank=dp)
+    ts = wire[0]
+    if isinstance(ts, bool) or not isinstance(ts, int | float):
+        raise KVEventDecodeError(f"batch timestamp must be a number, got {type(ts).__name__}")
+    return EventBatch(ts=float(ts), events=[_event_from_wire(e) for e in wire[1]], data_parallel_rank=dp)
 
 
 def decode_message(frames: list[bytes]) -> tuple[str, int, EventBatch]:

@@ -52,6 +52,7 @@ class Replica:
     synced_running: int = 0
     synced_waiting: int = 0
     synced_kv_usage: float = 0.0
+    next_wake: float = -1.0
 
     def serving(self, now: float) -> bool:
         return self.deleted_s is None and not self.draining and now >= self.ready_s
@@ -219,8 +220,8 @@ class Cluster:
         ready = now if ready_now else now + self.startup_s
         r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready)
         self.replicas.append(r)
-        if ready > now:
-            self._push(ready, "ready", r)
+        if not ready_now:
+            self._push(ready, "ready", r)  # also when startup_s is 0: the router backlog is flushed then
         return r
 
     def pool_replicas(self, pool: str, *, include_draining: bool = False) -> list[Replica]:
@@ -263,6 +264,16 @@ class Cluster:
     def _advance(self, r: Replica, t: float) -> None:
         for out in r.engine.advance(r.engine.busy_until, t, fast_forward=self.fast_forward):
             self._harvest(r, out)
+        self._schedule_wake(r)
+
+    def _schedule_wake(self, r: Replica) -> None:
+        """A prefill replica is stepped at every step boundary so that each finished prefill hands its decode leg
+        over exactly when it finishes (not at the next sync)."""
+        if r.pool == "prefill" and r.engine.has_work():
+            t = max(r.engine.busy_until, self._now)
+            if t > r.next_wake:
+                r.next_wake = t
+                self._push(t, "wake", r)
 
     def _harvest(self, r: Replica, out: StepOutput) -> None:
         ends = out.ends
@@ -328,6 +339,7 @@ class Cluster:
         r.engine.add_request(req, now)
         tr.record.replica = r.replica_id
         r.in_flight += 1
+        self._schedule_wake(r)
 
     def _sync(self, now: float) -> None:
         for r in self.replicas:
@@ -375,6 +387,10 @@ class Cluster:
                 ev.payload.tick(now, self)  # type: ignore[attr-defined]
                 if now < horizon or self._busy():
                     self._push(now + ev.payload.interval_s, "control", ev.payload)  # type: ignore[attr-defined]
+            elif ev.kind == "wake":
+                r = ev.payload
+                if r.deleted_s is None:  # type: ignore[union-attr]
+                    self._advance(r, math.nextafter(now, math.inf))  # type: ignore[arg-type]
             elif ev.kind == "ready":
                 self._record_timeline(now)
                 for pool, waiting in self._backlog.items():

@@ -97,6 +97,8 @@ class EngineCore:
             raise ValueError("prompt plus max_tokens exceeds max_model_len")
         if total > self.config.num_gpu_blocks * self.config.block_size:
             raise ValueError("prompt plus max_tokens exceeds the KV cache capacity")
+        if not self.has_work():
+            self.busy_until = max(self.busy_until, now)  # an idle engine cannot have started before the arrival
         req.arrival_time = now
         if isinstance(req.prompt_token_ids, SyntheticPrompt):
             req.block_hashes = req.prompt_token_ids.block_hashes(self.config.block_size)

@@ -1,0 +1,280 @@
+"""Virtual-clock cluster: completion, dispatchers, scaling up/down/from zero, P/D, SLO attainment, prefix hits."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from simulator.cluster import Cluster, ClusterResult, LeastRequest, RoundRobin
+from simulator.latency import LatencyModel, StepCoefficients, prefill_attn_term
+from simulator.workload import TraceRequest, build_trace
+
+LAT = LatencyModel(
+    "test",
+    StepCoefficients(
+        base_s=0.0123,
+        per_prefill_token_s=1.7e-4,
+        per_prefill_attn_s=3.1e-8,
+        per_decode_seq_s=2.3e-4,
+        per_decode_ctx_s=1.9e-7,
+    ),
+    kv_transfer_base_s=0.0071,
+    kv_transfer_per_token_s=4.3e-5,
+)
+
+
+def chat_trace(rate: float = 4.0, duration_s: float = 20.0, seed: int = 1) -> list[TraceRequest]:
+    return build_trace("poisson", "chat", rate, duration_s, seed=seed, max_input_len=1500, max_output_len=150)
+
+
+def completed(res: ClusterResult) -> np.ndarray:
+    return ~np.isnan(res.array("e2e_s"))
+
+
+class Schedule:
+    """A controller that sets a pool's size from a step function of time."""
+
+    def __init__(self, steps: list[tuple[float, int]], pool: str = "aggregated", interval_s: float = 0.5) -> None:
+        self.steps = steps
+        self.pool = pool
+        self.interval_s = interval_s
+
+    def tick(self, now: float, cluster: Cluster) -> None:
+        due = [n for t, n in self.steps if t <= now]
+        if due:
+            cluster.set_replicas(self.pool, due[-1], now)
+
+
+def short(t: float, input_len: int = 50, output_len: int = 5) -> TraceRequest:
+    return TraceRequest(t, None, input_len, output_len)
+
+
+# -- basics -------------------------------------------------------------------------------------------------------
+
+
+def test_poisson_chat_trace_on_two_replicas_completes_every_request() -> None:
+    trace = chat_trace()
+    assert len(trace) > 50
+    cl = Cluster(LAT, replicas={"aggregated": 2})
+    res = cl.run(trace)
+    assert completed(res).all()
+    assert not any(r.dropped for r in res.records)
+    assert {r.replica for r in res.records} == {0, 1}
+    assert (res.array("e2e_s") >= res.array("ttft_s")).all()
+    assert res.wall_steps == sum(r.engine.num_steps for r in cl.replicas) > 0
+    assert res.end_s >= trace[-1].arrival_s
+    assert res.replica_seconds == {"aggregated": pytest.approx(2 * res.end_s)}
+    assert res.itl.total > 0
+    for r in cl.replicas:
+        assert not r.engine.has_work() and r.engine.kv.num_free_blocks == r.engine.config.num_gpu_blocks
+
+
+def test_rejects_unknown_pools_and_half_a_pd_setup() -> None:
+    with pytest.raises(ValueError, match="unknown pool"):
+        Cluster(LAT, replicas={"gpu": 1})
+    with pytest.raises(ValueError, match="both"):
+        Cluster(LAT, replicas={"prefill": 1})
+
+
+# -- dispatchers --------------------------------------------------------------------------------------------------
+
+
+def long_then_shorts() -> list[TraceRequest]:
+    return [short(0.0, 100, 3000)] + [short(1.0 + i) for i in range(6)]
+
+
+def test_round_robin_cycles_through_replicas_regardless_of_load() -> None:
+    res = Cluster(LAT, replicas={"aggregated": 2}, dispatcher=RoundRobin()).run(long_then_shorts())
+    assert [r.replica for r in res.records] == [0, 1, 0, 1, 0, 1, 0]
+    assert completed(res).all()
+
+
+def test_least_request_avoids_the_replica_busy_with_a_long_request() -> None:
+    res = Cluster(LAT, replicas={"aggregated": 2}, dispatcher=LeastRequest()).run(long_then_shorts())
+    assert [r.replica for r in res.records] == [0, 1, 1, 1, 1, 1, 1]
+    assert completed(res).all()
+
+
+def test_least_request_spreads_a_burst_before_any_sync() -> None:
+    burst = [short(0.01) for _ in range(7)]
+    res = Cluster(LAT, replicas={"aggregated": 3}, dispatcher=LeastRequest()).run(burst)
+    assert [r.replica for r in res.records] == [0, 1, 2, 0, 1, 2, 0]
+
+
+# -- scaling ------------------------------------------------------------------------------------------------------
+
+
+def test_scale_up_then_down_with_a_controller() -> None:
+    startup = 2.0
+    trace = [
+        short(0.5),
+        short(1.5),  # replica 1 is starting: must go to replica 0
+        short(2.5),
+        short(4.0, 100, 1500),  # one long request on each replica ...
+        short(4.05, 100, 1500),
+        short(7.0),  # ... after replica 1 was drained at 6.0: back to replica 0
+        short(8.0),
+    ]
+    cl = Cluster(LAT, replicas={"aggregated": 1}, startup_s=startup, dispatcher=LeastRequest())
+    res = cl.run(trace, controller=Schedule([(1.0, 2), (6.0, 1)]))
+    assert completed(res).all()
+
+    r0, r1 = cl.replicas
+    assert (r1.created_s, r1.ready_s) == (1.0, 1.0 + startup)
+    assert [r.replica for r in res.records] == [0, 0, 0, 0, 1, 0, 0]
+    for rec in res.records:
+        if rec.replica == 1:
+            assert rec.arrival_s >= r1.ready_s
+
+    # replica 1 was drained at 6.0 but finished its long request before being deleted
+    assert r1.draining and r1.deleted_s is not None
+    long_on_r1 = res.records[4]
+    assert long_on_r1.arrival_s + long_on_r1.e2e_s <= r1.deleted_s + 1e-9
+    assert r1.deleted_s > 6.0 and not r1.engine.has_work()
+    assert r0.deleted_s is None and not r0.draining
+
+    assert res.replica_seconds["aggregated"] == pytest.approx(res.end_s + (r1.deleted_s - r1.created_s))
+    assert (1.0, "aggregated", 1, 2) in res.timeline  # starting replica counts in the total only
+    assert (3.0, "aggregated", 2, 2) in res.timeline
+    assert (6.0, "aggregated", 1, 2) in res.timeline  # draining: not serving, not yet deleted
+
+
+def test_scale_down_drains_a_replica_that_is_still_starting_first() -> None:
+    cl = Cluster(LAT, replicas={"aggregated": 1}, startup_s=10.0)
+    cl.set_replicas("aggregated", 2, now=0.0)  # replica 1: ready at 10
+    cl.startup_s = 0.0
+    cl.set_replicas("aggregated", 3, now=1.0)  # replica 2: newer, but ready at once
+    cl.set_replicas("aggregated", 2, now=2.0)
+    assert [(r.replica_id, r.draining) for r in cl.replicas] == [(0, False), (1, True), (2, False)]
+    assert cl.replicas[1].deleted_s == 2.0  # idle: deleted at once
+    cl.set_replicas("aggregated", 1, now=3.0)  # among ready idle replicas, the newest goes
+    assert [(r.replica_id, r.draining) for r in cl.replicas] == [(0, False), (1, True), (2, True)]
+    assert [(t, serving, total) for t, _, serving, total in cl.timeline] == [
+        (0.0, 1, 1),
+        (0.0, 1, 2),
+        (1.0, 2, 3),
+        (2.0, 2, 2),
+        (3.0, 1, 1),
+    ]
+
+
+def test_scale_from_zero_backlog_waits_for_the_first_replica() -> None:
+    cl = Cluster(LAT, replicas={"aggregated": 0}, startup_s=3.0)
+    trace = [short(0.1), short(0.2), short(5.0)]
+    res = cl.run(trace, controller=Schedule([(0.5, 1)]))
+    assert not any(r.dropped for r in res.records)
+    assert completed(res).all()
+    (rep,) = cl.replicas
+    assert (rep.created_s, rep.ready_s) == (0.5, 3.5)
+    assert all(r.replica == rep.replica_id for r in res.records)
+    assert res.replica_seconds["aggregated"] == pytest.approx(res.end_s - 0.5)
+
+
+def test_requests_are_dropped_when_no_replica_ever_comes_up() -> None:
+    # until_s is needed: without it run() never returns here (bug, see the startup_s=0 test below)
+    res = Cluster(LAT, replicas={"aggregated": 0}).run([short(0.1), short(0.2)], until_s=5.0)
+    assert all(r.dropped for r in res.records)
+    assert not completed(res).any()
+    assert res.slo_attainment(10.0, 10.0) == 0.0
+
+
+# -- P/D ----------------------------------------------------------------------------------------------------------
+
+
+def test_pd_cluster_completes_every_request_and_releases_prefill_blocks() -> None:
+    trace = chat_trace(rate=3.0, duration_s=10.0, seed=4)
+    cl = Cluster(LAT, replicas={"prefill": 1, "decode": 1})
+    res = cl.run(trace)
+    prefill, decode = cl.replicas
+    assert (prefill.pool, decode.pool) == ("prefill", "decode")
+    assert completed(res).all()
+    assert all(r.replica == decode.replica_id for r in res.records)  # the record names the decode replica
+    assert prefill.engine.held == {}
+    for rep in cl.replicas:
+        assert rep.engine.kv.num_free_blocks == rep.engine.config.num_gpu_blocks
+    assert prefill.engine.generation_tokens_total == len(trace)  # one discarded token per prefill
+    assert decode.engine.generation_tokens_total == sum(min(t.output_len, 8192 - t.input_len) for t in trace)
+    assert set(res.replica_seconds) == {"prefill", "decode"}
+
+
+def test_pd_ttft_includes_the_kv_transfer() -> None:
+    def ttft(per_token_s: float) -> float:
+        lat = LatencyModel("t", LAT.coefficients, kv_transfer_base_s=0.0071, kv_transfer_per_token_s=per_token_s)
+        res = Cluster(lat, replicas={"prefill": 1, "decode": 1}).run([short(0.05, 2000, 4)])
+        return float(res.records[0].ttft_s)
+
+    fast, slow = ttft(1e-6), ttft(1e-3)
+    assert slow - fast == pytest.approx((1e-3 - 1e-6) * 1999, rel=1e-9)
+
+
+# Regression: a request added to an idle replica must not be computed from the replica's stale busy_until
+# (before it arrived), which made TTFT and E2E too small, even negative.
+
+
+def test_ttft_on_an_idle_replica_is_the_prefill_time() -> None:
+    res = Cluster(LAT).run([short(0.5, 200, 4), short(3.0, 200, 4)])
+    assert res.array("ttft_s") == pytest.approx([LAT.prefill_time(200)] * 2, rel=1e-9)
+
+
+def test_ttft_after_scale_from_zero_includes_the_cold_start() -> None:
+    cl = Cluster(LAT, replicas={"aggregated": 0}, startup_s=3.0)
+    res = cl.run([short(0.1)], controller=Schedule([(0.5, 1)]))
+    assert res.records[0].ttft_s >= 3.5 - 0.1
+
+
+def test_pd_ttft_is_at_least_prefill_plus_transfer_plus_one_step() -> None:
+    res = Cluster(LAT, replicas={"prefill": 1, "decode": 1}).run([short(0.5, 200, 4)])
+    floor = LAT.prefill_time(200) + LAT.kv_transfer_time(199) + LAT.step_time(1, prefill_attn_term(1, 199), 0, 0)
+    assert res.records[0].ttft_s >= floor - 1e-12
+
+
+# Regression: a finished prefill hands its decode leg over when it finishes, not at the next sync.
+def test_pd_ttft_is_exactly_prefill_plus_transfer_plus_one_step() -> None:
+    res = Cluster(LAT, replicas={"prefill": 1, "decode": 1}).run([short(0.0, 200, 4)])
+    ideal = LAT.prefill_time(200) + LAT.kv_transfer_time(199) + LAT.step_time(1, prefill_attn_term(1, 199), 0, 0)
+    assert res.records[0].ttft_s == pytest.approx(ideal, rel=1e-9)
+
+
+# Regression: with startup_s=0 a replica started by set_replicas must still flush the router backlog.
+def test_scale_from_zero_with_instant_startup_serves_the_backlog() -> None:
+    cl = Cluster(LAT, replicas={"aggregated": 0}, startup_s=0.0)
+    res = cl.run([short(0.1)], controller=Schedule([(0.5, 1)]), until_s=10.0)  # until_s: the bug would hang
+    assert not res.records[0].dropped
+
+
+# -- SLO attainment and prefix caching ---------------------------------------------------------------------------
+
+
+def test_slo_attainment_is_a_fraction_and_monotone_in_the_slo() -> None:
+    trace = chat_trace(rate=6.0, duration_s=15.0)
+    res = Cluster(LAT, replicas={"aggregated": 1}).run(trace)
+    ttft_grid = [0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 5.0]
+    itl_grid = [0.013, 0.015, 0.02, 0.05]
+    table = np.array([[res.slo_attainment(t, i) for i in itl_grid] for t in ttft_grid])
+    assert ((table >= 0.0) & (table <= 1.0)).all()
+    assert (np.diff(table, axis=0) >= 0).all() and (np.diff(table, axis=1) >= 0).all()
+    assert table.min() < table.max()  # the grid spans the interesting range
+    assert res.slo_attainment(math.inf, math.inf) == 1.0
+    # the ITL SLO counts too: only single-token answers (no inter-token gap) meet an impossible one
+    assert res.slo_attainment(math.inf, 1e-6) == pytest.approx(np.mean([t.output_len == 1 for t in trace]))
+    assert math.isnan(ClusterResult([], {}, [], res.itl, 0, 0.0).slo_attainment(1.0, 1.0))
+
+
+def test_shared_prefix_trace_hits_the_prefix_cache() -> None:
+    trace = build_trace("poisson", "shared-prefix", 3.0, 10.0, seed=3, prefix_len=256, num_tenants=3, max_output_len=50)
+    res = Cluster(LAT).run(trace)
+    cached = res.array("cached_tokens")
+    seen: set[int | None] = set()
+    for t, c in zip(trace, cached, strict=True):
+        if t.prefix_group in seen:
+            assert c >= 256, t  # the tenant's whole system prompt (16 full blocks) is a hit
+        seen.add(t.prefix_group)
+    assert len(seen) == 3
+    assert cached.sum() >= 256 * (len(trace) - 3) > 0
+
+
+def test_synthetic_prompts_never_hit_the_prefix_cache() -> None:
+    res = Cluster(LAT).run(chat_trace(duration_s=10.0))
+    assert (res.array("cached_tokens") == 0).all()
