@@ -183,12 +183,14 @@ class Cluster:
         dispatcher: Dispatcher | dict[str, Dispatcher] | None = None,
         sync_interval_s: float = 0.2,
         fast_forward: bool = True,
+        backlog_wait_s: float = 3600.0,
     ) -> None:
         self.latency = latency
         self.engine_config = engine_config or EngineConfig(materialize_outputs=False)
         self.startup_s = startup_s
         self.sync_interval_s = sync_interval_s
         self.fast_forward = fast_forward
+        self.backlog_wait_s = backlog_wait_s
         initial = replicas or {"aggregated": 1}
         bad = set(initial) - set(POOLS)
         if bad:
@@ -381,11 +383,11 @@ class Cluster:
                 self._submit("decode", leg, now, preq)
             elif ev.kind == "sync":
                 self._sync(now)
-                if now < horizon or self._busy():
+                if now < horizon or self._busy(now, horizon, controller is not None):
                     self._push(now + self.sync_interval_s, "sync")
             elif ev.kind == "control":
                 ev.payload.tick(now, self)  # type: ignore[attr-defined]
-                if now < horizon or self._busy():
+                if now < horizon or self._busy(now, horizon, True):
                     self._push(now + ev.payload.interval_s, "control", ev.payload)  # type: ignore[attr-defined]
             elif ev.kind == "wake":
                 r = ev.payload
@@ -416,5 +418,12 @@ class Cluster:
     def _entry_pool(self) -> str:
         return "prefill" if self.pd else "aggregated"
 
-    def _busy(self) -> bool:
-        return any(r.engine.has_work() for r in self.replicas if r.deleted_s is None) or any(self._backlog.values())
+    def _busy(self, now: float, horizon: float, controlled: bool) -> bool:
+        """Keep the clock running while engines work, or while a backlog can still be served: a replica is
+        starting, or a controller may start one (for at most ``backlog_wait_s`` past the trace)."""
+        if any(r.engine.has_work() for r in self.replicas if r.deleted_s is None):
+            return True
+        if not any(self._backlog.values()):
+            return False
+        starting = any(r.deleted_s is None and r.ready_s > now for r in self.replicas)
+        return starting or (controlled and now < horizon + self.backlog_wait_s)

@@ -97,8 +97,8 @@ class EngineCore:
             raise ValueError("prompt plus max_tokens exceeds max_model_len")
         if total > self.config.num_gpu_blocks * self.config.block_size:
             raise ValueError("prompt plus max_tokens exceeds the KV cache capacity")
-        if not self.has_work():
-            self.busy_until = max(self.busy_until, now)  # an idle engine cannot have started before the arrival
+        # Nothing computed so far can have started before this arrival (idle, or only waiting for KV pulls).
+        self.busy_until = max(self.busy_until, now)
         req.arrival_time = now
         if isinstance(req.prompt_token_ids, SyntheticPrompt):
             req.block_hashes = req.prompt_token_ids.block_hashes(self.config.block_size)
@@ -305,9 +305,9 @@ class EngineCore:
                 out = self.step(t)
             if out is None:
                 wake = self.next_wakeup()
-                if wake is None or wake >= until:
-                    break
-                t = max(wake, t)
+                if wake is None or wake >= until or wake <= t:
+                    break  # nothing can run before new input (wake <= t: blocked, e.g. a KV pull with no free block)
+                t = wake
                 continue
             outs.append(out)
             t = out.end

@@ -282,6 +282,7 @@ class SimServer:
         self.runner: EngineRunner | None = None
         self._clock = clock
         self._session: aiohttp.ClientSession | None = None
+        self._background: set[asyncio.Task[None]] = set()  # strong references until done (asyncio docs)
         self.created = int(time.time())
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -375,7 +376,7 @@ class SimServer:
         try:
             body = await request.json()
             rid = body["request_id"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (ValueError, RecursionError, KeyError, TypeError):  # ValueError: bad JSON, bad UTF-8, long ints
             return ApiError(400, "expected JSON {'request_id': ...}", "request_id").response()
         return web.json_response({"released": self.engine.release_held(str(rid))})
 
@@ -398,7 +399,9 @@ class SimServer:
             except (aiohttp.ClientError, TimeoutError) as e:  # the hold timeout frees the blocks anyway
                 log.warning("KV release notification to %s:%s failed: %s", host, port, e)
 
-        asyncio.get_running_loop().create_task(notify())
+        task = asyncio.get_running_loop().create_task(notify())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # -- parsing -------------------------------------------------------------------------------------------------
     async def _body(self, request: web.Request) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def test_scale_from_zero_backlog_waits_for_the_first_replica() -> None:
 
 
 def test_requests_are_dropped_when_no_replica_ever_comes_up() -> None:
-    # until_s is needed: without it run() never returns here (bug, see the startup_s=0 test below)
+    # until_s is needed: without it run() never returns here (bug, see test_run_returns_when_no_replica_ever_comes_up)
     res = Cluster(LAT, replicas={"aggregated": 0}).run([short(0.1), short(0.2)], until_s=5.0)
     assert all(r.dropped for r in res.records)
     assert not completed(res).any()
@@ -242,6 +242,24 @@ def test_scale_from_zero_with_instant_startup_serves_the_backlog() -> None:
     cl = Cluster(LAT, replicas={"aggregated": 0}, startup_s=0.0)
     res = cl.run([short(0.1)], controller=Schedule([(0.5, 1)]), until_s=10.0)  # until_s: the bug would hang
     assert not res.records[0].dropped
+
+
+# Regression (EngineCore.add_request, reached through Cluster._advance): busy_until used to move up to the
+# arrival only when the engine had no work. A decode replica whose only
+# request waits for its KV pull has work but a stale busy_until, so a decode leg added later is scheduled, and its KV
+# pull modelled, from that stale time, before the leg arrived.
+def test_pd_decode_leg_arriving_while_another_waits_for_its_kv_pays_its_own_transfer() -> None:
+    lat = LatencyModel("t", LAT.coefficients, kv_transfer_base_s=1.0, kv_transfer_per_token_s=0.0)
+    res = Cluster(lat, replicas={"prefill": 1, "decode": 1}).run([short(0.0, 200, 4), short(0.5, 200, 4)])
+    assert (res.array("ttft_s") >= lat.prefill_time(200) + 1.0).all()
+
+
+# Regression (simulator/cluster.py, Cluster.run): without until_s, a backlog that nothing can ever serve (no replica, no
+# controller) keeps _busy() true, so sync events are re-pushed forever and run() never returns.
+@pytest.mark.timeout(1)
+def test_run_returns_when_no_replica_ever_comes_up() -> None:
+    res = Cluster(LAT, replicas={"aggregated": 0}).run([short(0.1)])
+    assert res.records[0].dropped
 
 
 # -- SLO attainment and prefix caching ---------------------------------------------------------------------------

@@ -348,3 +348,28 @@ def test_decode_side_pulls_only_what_the_local_prefix_cache_misses() -> None:
     expected = t0 + LAT.kv_transfer_time(100 - 1 - 64) + LAT.step_time(1, prefill_attn_term(1, 99), 0, 0)
     assert r.first_token_time == pytest.approx(expected, rel=1e-12)
     assert_all_done([r])
+
+
+# Regression (EngineCore.add_request): busy_until used to move up to the arrival only when the engine had no
+# work. An engine whose only request waits for its KV pull has work but a stale busy_until, so a request added later
+# and driven from busy_until (as Cluster._advance does) is scheduled before it arrived.
+def test_a_request_added_while_another_waits_for_its_kv_pull_starts_after_it_arrives() -> None:
+    eng = make_engine()
+    eng.add_request(req("x", 50, 3, remote_prefill={"from": 0}), 0.0)  # KV ready at kv_transfer_time(49) ~ 9 ms
+    eng.advance(eng.busy_until, 0.005)
+    y = req("y", 50, 3)
+    eng.add_request(y, 0.005)
+    eng.advance(eng.busy_until, math.inf)
+    assert y.first_scheduled_time >= 0.005
+
+
+# Regression (simulator/engine.py, EngineCore.advance): when step() returns None and next_wakeup() is not in the future,
+# ``t = max(wake, t)`` does not move and advance loops forever. Reached on a decode replica whose remote-prefill
+# requests hold every block while the first one whose KV has arrived needs one more block for its last prompt token
+# (prompt = k * block_size + 1): nothing runs, and the wakeup is that request's past kv_ready_time.
+@pytest.mark.timeout(1)
+def test_advance_returns_when_remote_pulls_fill_the_cache() -> None:
+    eng = make_engine(num_gpu_blocks=4)
+    for i in range(2):
+        eng.add_request(req(f"d{i}", 2 * BS + 1, 1, remote_prefill={"from": 0}), 0.0)  # 2 blocks each on arrival
+    eng.advance(0.0, math.inf)
