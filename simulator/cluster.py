@@ -278,21 +278,11 @@ class Cluster:
                 self._push(t, "wake", r)
 
     def _harvest(self, r: Replica, out: StepOutput) -> None:
-        ends = out.ends
-        weight = 0
-        for req, n in out.outputs:
-            if n == 0:
-                continue
-            if req.num_output_tokens > n:
-                weight += n  # every token after the first is an inter-token gap of one step
-            elif n > 1:
-                weight += n - 1
-        if weight:
-            if len(ends) == 1:
-                self.itl.add(ends[0] - out.start, weight)
-            else:
-                # all sequences decode in every fast-forwarded step
-                self.itl.add_many(np.diff(np.asarray([out.start, *ends])), weight / len(ends))
+        if out.itl_tokens:  # each such token's gap is its step's duration (the engine steps back to back)
+            if out.num_steps == 1:
+                self.itl.add(out.end - out.start, out.itl_tokens)
+            else:  # every sequence decodes in every step of a fast-forwarded run
+                self.itl.add_many(out.step_durations(), out.itl_tokens / out.num_steps)
         for req in out.finished:
             tr = req.user
             rec = tr.record

@@ -43,23 +43,30 @@ class EngineConfig:
 
 @dataclass(slots=True)
 class StepOutput:
-    """Effects of one step (or of a fast-forwarded run of decode steps).
+    """Effects of one step, or of a fast-forwarded run of ``num_steps`` decode steps.
 
-    ``ends[j]`` is when step j ends; ``outputs`` lists (request, n): the request got ``n`` new tokens, the last
-    ``n`` of ``ends`` being their times (n is 0 or 1 for a single step, k for every request of a k-step run).
+    ``outputs`` lists (request, n): the request got ``n`` new tokens (0 or 1 for a single step; ``num_steps`` for
+    every request of a run, one per step). Step j of a run lasts ``first_step_s + j * step_slope_s``.
+    ``itl_tokens`` counts the new tokens that follow an earlier token of their request (inter-token gaps).
     """
 
     start: float
-    ends: list[float]
+    end: float
     outputs: list[tuple[Request, int]]
     finished: list[Request]
     preempted: list[Request]
     prefill_tokens: int = 0
     decode_seqs: int = 0
+    itl_tokens: int = 0
+    num_steps: int = 1
+    step_slope_s: float = 0.0
 
-    @property
-    def end(self) -> float:
-        return self.ends[-1]
+    def step_durations(self) -> np.ndarray:
+        k = self.num_steps
+        if k == 1:
+            return np.array([self.end - self.start])
+        first = (self.end - self.start - self.step_slope_s * k * (k - 1) / 2.0) / k
+        return first + self.step_slope_s * np.arange(k)
 
 
 class EngineCore:
@@ -190,7 +197,7 @@ class EngineCore:
         self._expire_held(now)
         batch = self.scheduler.schedule(now)
         if not batch.items:
-            return None if not batch.preempted else StepOutput(now, [now], [], [], batch.preempted)
+            return None if not batch.preempted else StepOutput(now, now, [], [], batch.preempted)
         dur = self.latency.step_time(batch.prefill_tokens, batch.prefill_attn, batch.decode_seqs, batch.decode_ctx)
         end = now + dur
         return self._apply(batch, now, end)
@@ -198,6 +205,7 @@ class EngineCore:
     def _apply(self, batch: ScheduledBatch, start: float, end: float) -> StepOutput:
         outputs: list[tuple[Request, int]] = []
         finished: list[Request] = []
+        itl_tokens = 0
         for req, n in batch.items:
             req.num_computed_tokens += n
             if req.num_computed_tokens < req.num_tokens:
@@ -207,6 +215,8 @@ class EngineCore:
                 req.first_token_time = end
                 self.prompt_tokens_total += req.num_prompt_tokens
             self._append(req, 1)
+            if req.num_output_tokens > 1:
+                itl_tokens += 1
             req.last_token_time = end
             self.generation_tokens_total += 1
             outputs.append((req, 1))
@@ -216,7 +226,7 @@ class EngineCore:
         self.busy_until = end
         self.num_steps += 1
         return StepOutput(
-            start, [end], outputs, finished, batch.preempted, batch.prefill_tokens, batch.decode_seqs
+            start, end, outputs, finished, batch.preempted, batch.prefill_tokens, batch.decode_seqs, itl_tokens
         )
 
     # -- fast-forward ----------------------------------------------------------------------------------------------
@@ -249,7 +259,7 @@ class EngineCore:
         k = self._fit_blocks(running, k)
         if k < 2:
             return None
-        ends = [now + (j + 1) * first + slope * (j + 1) * j / 2.0 for j in range(k)]
+        end = now + k * first + slope * k * (k - 1) / 2.0
         kv = self.kv
         bs = self.config.block_size
         caching = self.config.enable_prefix_caching
@@ -257,22 +267,23 @@ class EngineCore:
         outputs: list[tuple[Request, int]] = []
         for r in running:
             c = r.num_computed_tokens
-            if -(-(c + k) // bs) > len(r.block_ids):  # blocks for tokens c+1 .. c+k
-                kv.allocate(r, k)
+            need = -(-(c + k) // bs) - len(r.block_ids)  # blocks for tokens c+1 .. c+k (checked by _fit_blocks)
+            if need > 0:
+                kv.take_blocks(r, need)
             self._append(r, k)
             r.num_computed_tokens = c + k
             if caching and (c + k) // bs > r.num_hashed_blocks < len(r.block_hashes):
                 kv.cache_full_blocks(r, c + k)
-            r.last_token_time = ends[-1]
+            r.last_token_time = end
             outputs.append((r, k))
         self.generation_tokens_total += k * d
         for r in list(running):
             if r.num_output_tokens >= r.max_tokens:
-                self._finish(r, ends[-1], finished)
+                self._finish(r, end, finished)
         sched.remove_finished(finished)
-        self.busy_until = ends[-1]
+        self.busy_until = end
         self.num_steps += k
-        return StepOutput(now, ends, outputs, finished, [], 0, d)
+        return StepOutput(now, end, outputs, finished, [], 0, d, itl_tokens=d * k, num_steps=k, step_slope_s=slope)
 
     def _fit_blocks(self, running: list[Request], k: int) -> int:
         """Largest k' <= k whose new blocks fit in the free pool (binary search; rarely binding)."""

@@ -98,17 +98,21 @@ class KVCacheManager:
         elif n_new > len(free_queue):
             return False
         if n_new > 0:
-            hashes = self.block_hash
-            ids = req.block_ids
-            for _ in range(n_new):
-                b = free_queue.popitem(last=False)[0]
-                if hashes[b] is not None:
-                    self._evict(b)
-                ref[b] = 1
-                ids.append(b)
+            self.take_blocks(req, n_new)
         if self.enable_prefix_caching and req.num_hashed_blocks < len(req.block_hashes):
             self.cache_full_blocks(req, min(total_tokens, req.num_tokens))
         return True
+
+    def take_blocks(self, req: Request, n: int) -> None:
+        """Append ``n`` blocks from the head of the free queue to the request, evicting cached ones.
+        The caller has checked that ``n <= num_free_blocks``."""
+        free_queue, hashes, ref, ids = self.free_queue, self.block_hash, self.ref_cnt, req.block_ids
+        for _ in range(n):
+            b = free_queue.popitem(last=False)[0]
+            if hashes[b] is not None:
+                self._evict(b)
+            ref[b] = 1
+            ids.append(b)
 
     def cache_full_blocks(self, req: Request, num_tokens: int) -> None:
         """Register the hashes of the request's blocks that are full within its first ``num_tokens`` tokens."""

@@ -100,6 +100,15 @@ class Scheduler:
             if n <= 0:
                 i += 1
                 continue
+            if (
+                n == 1
+                and req.num_computed_tokens < len(req.block_ids) * kv.block_size
+                and req.num_hashed_blocks >= len(req.block_hashes)
+            ):  # a decode whose slot exists and has nothing to hash: what allocate() would conclude, cheaply
+                batch.add(req, 1)
+                budget -= 1
+                i += 1
+                continue
             while not kv.allocate(req, n):
                 victim = self.running.pop()  # lowest priority under FCFS: the last one
                 if any(r is victim for r, _ in batch.items):  # it may have been scheduled earlier in this step
