@@ -6,23 +6,11 @@ import math
 
 import numpy as np
 import pytest
+from models_for_tests import LAT
 
 from simulator.cluster import Cluster, ClusterResult, LeastRequest, RoundRobin
-from simulator.latency import LatencyModel, StepCoefficients, prefill_attn_term
+from simulator.latency import LatencyModel, prefill_attn_term
 from simulator.workload import TraceRequest, build_trace
-
-LAT = LatencyModel(
-    "test",
-    StepCoefficients(
-        base_s=0.0123,
-        per_prefill_token_s=1.7e-4,
-        per_prefill_attn_s=3.1e-8,
-        per_decode_seq_s=2.3e-4,
-        per_decode_ctx_s=1.9e-7,
-    ),
-    kv_transfer_base_s=0.0071,
-    kv_transfer_per_token_s=4.3e-5,
-)
 
 
 def chat_trace(rate: float = 4.0, duration_s: float = 20.0, seed: int = 1) -> list[TraceRequest]:

@@ -9,22 +9,11 @@ from dataclasses import dataclass
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from models_for_tests import LAT
 
 from simulator.engine import EngineConfig, EngineCore
-from simulator.latency import LatencyModel, StepCoefficients
 from simulator.request import Request, Status
 from simulator.scheduler import SchedulerConfig
-
-LAT = LatencyModel(
-    "test",
-    StepCoefficients(
-        base_s=0.0123,
-        per_prefill_token_s=1.7e-4,
-        per_prefill_attn_s=3.1e-8,
-        per_decode_seq_s=2.3e-4,
-        per_decode_ctx_s=1.9e-7,
-    ),
-)
 
 
 @dataclass(frozen=True)

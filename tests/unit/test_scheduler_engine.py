@@ -7,25 +7,13 @@ import math
 import zlib
 
 import pytest
+from models_for_tests import LAT
 
 from simulator.engine import EngineConfig, EngineCore, StepOutput
-from simulator.latency import LatencyModel, StepCoefficients, prefill_attn_term
+from simulator.latency import prefill_attn_term
 from simulator.request import Request, Status
 from simulator.scheduler import ScheduledBatch, SchedulerConfig
 
-# Deliberately "ugly" coefficients so that a wrong feature cannot hide behind round numbers.
-LAT = LatencyModel(
-    "test",
-    StepCoefficients(
-        base_s=0.0123,
-        per_prefill_token_s=1.7e-4,
-        per_prefill_attn_s=3.1e-8,
-        per_decode_seq_s=2.3e-4,
-        per_decode_ctx_s=1.9e-7,
-    ),
-    kv_transfer_base_s=0.0071,
-    kv_transfer_per_token_s=4.3e-5,
-)
 BS = 16
 
 
