@@ -614,10 +614,11 @@ class SimServer:
         assert runner is not None
         head = _dumps({"id": req.request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
                        "created": int(time.time()), "model": p.model})[:-1]  # fmt: skip
-        if p.chat:
+        role_chunk = b""
+        if p.chat:  # like vLLM, the role chunk goes out with the first token, not before
             first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}  # fmt: skip
-            await resp.write(
+            role_chunk = (
                 f'data: {head},"choices":[{_dumps(first)}],"prompt_token_ids":null,"prompt_text":null}}\n\n'.encode()
             )
         transport = request.transport
@@ -650,6 +651,8 @@ class SimServer:
             sent += n
             tail = post_last % json.dumps(req.finish_reason).encode() if last else post_running
             data = pre + json.dumps(text_of(new)).encode() + tail
+            if sent == n and role_chunk:
+                write(b"%x\r\n%b\r\n" % (len(role_chunk), role_chunk) if chunked else role_chunk)
             write(b"%x\r\n%b\r\n" % (len(data), data) if chunked else data)  # framed as aiohttp would
             runner.record_lateness(scheduled)
 

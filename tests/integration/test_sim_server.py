@@ -320,6 +320,22 @@ async def test_tokens_are_paced_by_the_latency_model():
     assert best_e2e <= 1.4 * 10 * step, attempts
 
 
+async def test_chat_role_chunk_comes_with_the_first_token():
+    """vLLM sends the chat stream's role chunk when the first token exists; a client measuring TTFT by the first
+    chunk must see at least the prefill step."""
+    step = 0.1
+    async with serve(base_s=step) as s, aiohttp.ClientSession() as http:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True}
+        t0 = time.perf_counter()
+        async with http.post(s.url + "/v1/chat/completions", json=body) as resp:
+            async for line in resp.content:
+                if line.startswith(b"data: {"):
+                    first = time.perf_counter() - t0
+                    assert b'"role":"assistant"' in line
+                    break
+        assert first >= 0.9 * step, first
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # errors
 
