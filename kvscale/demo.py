@@ -60,10 +60,11 @@ def _pct(values: list[float], q: float) -> float:
 
 def _report(samples: list[Sample], urls: list[str], console: Console) -> None:
     table = Table(title="kvscale demo: what clients saw (simulated Llama-3.1-8B on H100, roofline estimate)")
-    for col in ("pod", "requests", "errors", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms",
-                "prompt tok", "cached tok", "cache hit"):  # fmt: skip
+    for col in ("pod", "reqs", "errors", "TTFT p50 ms", "TTFT p90 ms", "ITL p50 ms", "ITL p90 ms",
+                "prompt tok", "cached tok", "hit"):  # fmt: skip
         table.add_column(col, justify="right")
-    for name, group in [*[(u, [s for s in samples if s.endpoint == u]) for u in urls], ("all", samples)]:
+    pods = [(f"pod-{i}", [s for s in samples if s.endpoint == u]) for i, u in enumerate(urls)]
+    for name, group in [*pods, ("all", samples)]:
         ok = [s for s in group if s.ok]
         itls = [x for s in ok for x in s.itls_s]
         prompt = sum(s.prompt_tokens for s in ok)
@@ -83,7 +84,7 @@ async def _drive(urls: list[str], work: list[tuple[float, str, dict, bool]]) -> 
 
 
 def demo_main(args: argparse.Namespace) -> int:
-    console = Console()
+    console = Console(width=max(Console().width, 110))
     out = Path(args.out or tempfile.mkdtemp(prefix="kvscale-demo-"))
     procs: list[ManagedProcess] = []
     urls: list[str] = []
