@@ -70,7 +70,7 @@ def build_server(args: argparse.Namespace):  # -> SimServer (import deferred: ke
     from simulator.tokenizer import load_tokenizer
 
     latency = load_latency_model(args.latency_model)
-    blocks = args.num_gpu_blocks or int(latency.extra.get("kv_cache", {}).get("num_gpu_blocks", 32768))
+    blocks = args.num_gpu_blocks or latency.num_gpu_blocks()
     tokenizer = load_tokenizer(args.tokenizer)
     engine_config = EngineConfig(
         scheduler=SchedulerConfig(
@@ -153,10 +153,9 @@ def run_main(args: argparse.Namespace) -> int:
             pools = {"prefill": p, "decode": d}
         else:
             pools = {"aggregated": args.replicas}
-        blocks = int(latency.extra.get("kv_cache", {}).get("num_gpu_blocks", 32768))
         cluster = Cluster(
             latency,
-            EngineConfig(num_gpu_blocks=blocks, materialize_outputs=False),
+            EngineConfig(num_gpu_blocks=latency.num_gpu_blocks(), materialize_outputs=False),
             replicas=pools,
             dispatcher={k: DISPATCHERS[args.dispatcher]() for k in pools},
         )

@@ -46,7 +46,8 @@ class StepOutput:
     """Effects of one step, or of a fast-forwarded run of ``num_steps`` decode steps.
 
     ``outputs`` lists (request, n): the request got ``n`` new tokens (0 or 1 for a single step; ``num_steps`` for
-    every request of a run, one per step). Step j of a run lasts ``first_step_s + j * step_slope_s``.
+    every request of a run, one per step). Step j of a run lasts ``step_durations()[j]``: the first step's
+    duration plus ``j * step_slope_s``.
     ``itl_tokens`` counts the new tokens that follow an earlier token of their request (inter-token gaps).
     """
 

@@ -83,6 +83,11 @@ class LatencyModel:
     def decode_step_time(self, batch: int, total_ctx: int) -> float:
         return self.step_time(0, 0.0, batch, total_ctx)
 
+    def num_gpu_blocks(self, default: int = 32768) -> int:
+        """KV-cache size in blocks that the artifact estimates for its hardware (``kv_cache.num_gpu_blocks``)."""
+        kv = self.extra.get("kv_cache")
+        return int(kv.get("num_gpu_blocks", default)) if isinstance(kv, dict) else default
+
     def kv_transfer_time(self, tokens: int) -> float:
         if tokens <= 0:
             return 0.0

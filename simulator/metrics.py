@@ -47,7 +47,19 @@ class MetricsInfo:
     num_gpu_blocks: int
     enable_prefix_caching: bool
     max_loras: int = 0
-    lora_names: tuple[str, ...] = ()
+
+
+def _families(
+    cls: type[GaugeMetricFamily] | type[CounterMetricFamily],
+    labels: list[str],
+    values: list[str],
+    rows: tuple[tuple[str, str, float], ...],
+) -> Iterator[Metric]:
+    """One single-sample family per (name, documentation, value) row."""
+    for name, doc, v in rows:
+        fam = cls(name, doc, labels=labels)
+        fam.add_metric(values, float(v))
+        yield fam
 
 
 class _EngineStateCollector(Collector):
@@ -60,56 +72,36 @@ class _EngineStateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         e, info = self.engine, self.info
         if self.flavor == "sglang":
-            labels = ["model_name"]
-            values = [info.model_name]
-            for name, doc, v in (
+            labels, values = ["model_name"], [info.model_name]
+            used_tokens = (e.kv.num_blocks - e.kv.num_free_blocks) * e.kv.block_size
+            hit_rate = e.kv.prefix_hits / e.kv.prefix_queries if e.kv.prefix_queries else 0.0
+            yield from _families(GaugeMetricFamily, labels, values, (
                 ("sglang:num_running_reqs", "The number of running requests.", e.num_running),
                 ("sglang:num_queue_reqs", "The number of requests in the waiting queue.", e.num_waiting),
                 ("sglang:token_usage", "The token usage.", e.kv.usage),
-                (
-                    "sglang:cache_hit_rate",
-                    "The prefix cache hit rate.",
-                    e.kv.prefix_hits / e.kv.prefix_queries if e.kv.prefix_queries else 0.0,
-                ),
-                ("sglang:num_used_tokens", "The number of used tokens.", (e.kv.num_blocks - e.kv.num_free_blocks)
-                 * e.kv.block_size),  # fmt: skip
-            ):
-                g = GaugeMetricFamily(name, doc, labels=labels)
-                g.add_metric(values, float(v))
-                yield g
-            for name, doc, v in (
+                ("sglang:cache_hit_rate", "The prefix cache hit rate.", hit_rate),
+                ("sglang:num_used_tokens", "The number of used tokens.", used_tokens),
+            ))  # fmt: skip
+            yield from _families(CounterMetricFamily, labels, values, (
                 ("sglang:prompt_tokens", "Number of prefill tokens processed.", e.prompt_tokens_total),
                 ("sglang:generation_tokens", "Number of generation tokens processed.", e.generation_tokens_total),
                 ("sglang:num_retracted_reqs", "Number of retracted (preempted) requests.", e.scheduler.num_preemptions),
-            ):
-                c = CounterMetricFamily(name, doc, labels=labels)
-                c.add_metric(values, float(v))
-                yield c
+            ))  # fmt: skip
             return
-        labels = ["model_name", "engine"]
-        values = [info.model_name, "0"]
-        for name, doc, v in (
+        labels, values = ["model_name", "engine"], [info.model_name, "0"]
+        yield from _families(GaugeMetricFamily, labels, values, (
             ("vllm:num_requests_running", "Number of requests in model execution batches.", e.num_running),
             ("vllm:num_requests_waiting", "Number of requests waiting to be processed.", e.num_waiting),
             ("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", e.kv.usage),
-        ):
-            g = GaugeMetricFamily(name, doc, labels=labels)
-            g.add_metric(values, float(v))
-            yield g
-        for name, doc, v in (
-            (
-                "vllm:prefix_cache_queries",
-                "Prefix cache queries, in terms of number of queried tokens.",
-                e.kv.prefix_queries,
-            ),
+        ))  # fmt: skip
+        yield from _families(CounterMetricFamily, labels, values, (
+            ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
+             e.kv.prefix_queries),
             ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", e.kv.prefix_hits),
             ("vllm:num_preemptions", "Cumulative number of preemption from the engine.", e.scheduler.num_preemptions),
             ("vllm:prompt_tokens", "Number of prefill tokens processed.", e.prompt_tokens_total),
             ("vllm:generation_tokens", "Number of generation tokens processed.", e.generation_tokens_total),
-        ):
-            c = CounterMetricFamily(name, doc, labels=labels)
-            c.add_metric(values, float(v))
-            yield c
+        ))  # fmt: skip
         cache = GaugeMetricFamily(
             "vllm:cache_config_info",
             "Information of the LLMEngine CacheConfig",

@@ -273,7 +273,6 @@ class SimServer:
                 num_gpu_blocks=engine_config.num_gpu_blocks,
                 enable_prefix_caching=engine_config.enable_prefix_caching,
                 max_loras=config.max_loras if config.lora_modules else 0,
-                lora_names=tuple(config.lora_modules),
             ),
             flavor=config.metrics_flavor,
             max_model_len=config.max_model_len,

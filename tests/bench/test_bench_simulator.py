@@ -91,7 +91,7 @@ def test_virtual_clock_hour_trace(record_bench):
     latency = load_latency_model("llama-3.1-8b-h100")
     cluster = Cluster(
         latency,
-        EngineConfig(num_gpu_blocks=int(latency.extra["kv_cache"]["num_gpu_blocks"]), materialize_outputs=False),
+        EngineConfig(num_gpu_blocks=latency.num_gpu_blocks(), materialize_outputs=False),
         replicas={"aggregated": 20},
         dispatcher=LeastRequest(),
     )

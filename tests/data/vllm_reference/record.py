@@ -385,18 +385,23 @@ def record_completions(http: Http, out: Path) -> None:
     long_prompt = {**base, "prompt": words(150, "prefix-cache-demo"), "max_tokens": 2}
     cases["prefix_cache_first"] = _exchange(http, "POST", "/v1/completions", long_prompt)
     cases["prefix_cache_repeat"] = _exchange(http, "POST", "/v1/completions", long_prompt)
+    cases["stream"] = _record_stream(http, out, "/v1/completions", base, "completion_stream.txt")
+    write_json(out / "completion.json", cases)
+
+
+def _record_stream(http: Http, out: Path, path: str, base: dict[str, Any], body_file: str) -> dict[str, Any]:
+    """Stream ``base`` with usage, keep the raw SSE bytes in ``body_file`` and describe the exchange."""
     stream_req = {**base, "stream": True, "stream_options": {"include_usage": True}}
-    status, headers, data = http.request("POST", "/v1/completions", stream_req)
-    (out / "completion_stream.txt").write_bytes(data)
-    cases["stream"] = {
+    status, headers, data = http.request("POST", path, stream_req)
+    (out / body_file).write_bytes(data)
+    return {
         "method": "POST",
-        "path": "/v1/completions",
+        "path": path,
         "request": stream_req,
         "status": status,
         "content_type": headers.get("content-type"),
-        "body_file": "completion_stream.txt",
+        "body_file": body_file,
     }
-    write_json(out / "completion.json", cases)
 
 
 def record_chat(http: Http, out: Path) -> None:
@@ -418,17 +423,7 @@ def record_chat(http: Http, out: Path) -> None:
             http, "POST", "/v1/chat/completions", {**base, "kv_transfer_params": {"do_remote_decode": True}}
         ),
     }
-    stream_req = {**base, "stream": True, "stream_options": {"include_usage": True}}
-    status, headers, data = http.request("POST", "/v1/chat/completions", stream_req)
-    (out / "chat_stream.txt").write_bytes(data)
-    cases["stream"] = {
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "request": stream_req,
-        "status": status,
-        "content_type": headers.get("content-type"),
-        "body_file": "chat_stream.txt",
-    }
+    cases["stream"] = _record_stream(http, out, "/v1/chat/completions", base, "chat_stream.txt")
     write_json(out / "chat.json", cases)
 
 
