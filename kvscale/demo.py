@@ -110,3 +110,9 @@ def demo_main(args: argparse.Namespace) -> int:
     finally:
         for p in procs:
             p.stop()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    demo = sub.add_parser("demo", help="start simulated pods, send a mixed workload, print TTFT/ITL and cache hits")
+    add_demo_args(demo)
+    demo.set_defaults(func=demo_main)

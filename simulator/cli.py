@@ -178,3 +178,15 @@ def run_main(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``kvscale sim serve`` and ``kvscale sim run``."""
+    sim = sub.add_parser("sim", help="the vLLM-faithful engine simulator")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    serve = sim_sub.add_parser("serve", help="serve vLLM's OpenAI API from the engine model (real time)")
+    add_serve_args(serve)
+    serve.set_defaults(func=serve_main)
+    run = sim_sub.add_parser("run", help="replay a trace on N replicas on a virtual clock")
+    add_run_args(run)
+    run.set_defaults(func=run_main)

@@ -1,0 +1,1 @@
+"""Routing-quality benchmark: simulator pods behind each router configuration (issue 6)."""
