@@ -14,23 +14,34 @@ from collections.abc import Sequence
 
 from kvscale import __version__
 
-# sim + demo, profile (predictor), scaler + eval (scaler), router, bench routing (router.bench)
-_PARTS = ("simulator.cli", "kvscale.demo", "predictor.cli", "scaler.cli", "router.cli", "router.bench.cli")
+# Top-level command -> the module that registers it.
+_PARTS = {
+    "sim": "simulator.cli",
+    "demo": "kvscale.demo",
+    "profile": "predictor.cli",
+    "scaler": "scaler.cli",
+    "eval": "scaler.cli",
+    "router": "router.cli",
+    "bench": "router.bench.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with ``command``, only the part owning that command is imported (faster start)."""
     parser = argparse.ArgumentParser(
         prog="kvscale", description="SLO-driven autoscaling and KV-aware routing for LLM serving"
     )
     parser.add_argument("--version", action="version", version=f"kvscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in _PARTS:
+    modules = [_PARTS[command]] if command in _PARTS else list(dict.fromkeys(_PARTS.values()))
+    for name in modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv[0] if argv else None).parse_args(argv)
     return int(args.func(args) or 0)
 
 

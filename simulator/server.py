@@ -265,6 +265,7 @@ class SimServer:
         self.config = config
         self.tokenizer = tokenizer
         self.engine = EngineCore(engine_config, latency, record_events=config.kv_events.active)
+        self.hardware = f"simulated ({latency.name}{': ' + latency.hardware if latency.hardware else ''})"
         self.metrics = EngineMetrics(
             self.engine,
             MetricsInfo(
@@ -322,7 +323,7 @@ class SimServer:
         return web.Response(status=200)
 
     async def version(self, request: web.Request) -> web.Response:
-        return web.json_response({"version": "0.32.0", "engine": "kvscale-sim"})
+        return web.json_response({"version": "0.32.0", "engine": "kvscale-sim", "hardware": self.hardware})
 
     async def models(self, request: web.Request) -> web.Response:
         data = [

@@ -1,0 +1,335 @@
+"""The router application: an explicit factory (:func:`create_app`) and its per-app state (:class:`RouterState`).
+
+Pipeline: discovery → :class:`BackendPool` (kept fresh by :class:`BackendMonitor`) → policy pipeline
+(:mod:`router.policies`) → proxy (:mod:`router.proxy`). Security (API keys, body limit, JSON validation),
+admission control, the governance log and ``/metrics`` live here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import importlib.util
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from router.admission import Admission
+from router.backends import Backend, BackendPool, BackendSpec
+from router.config import RouterConfig
+from router.context import RequestContext, validate_body
+from router.discovery import KubernetesDiscovery, StaticDiscovery
+from router.errors import ApiError, error_body
+from router.governance import GovernanceLog, sampling_params
+from router.metrics import RouterMetrics
+from router.monitor import BackendMonitor
+from router.policies import Pipeline, Services, build_policies, load_policy_file, load_registry
+from router.prefix_index import PrefixIndex
+from router.proxy import PdHandler, route_with_retries
+from router.security import KeyChecker
+
+log = logging.getLogger("kvscale.router")
+
+__all__ = ["POLICY_HEADER", "STATE_KEY", "RouterState", "create_app"]
+
+POLICY_HEADER = "x-kvscale-policy"
+
+
+@dataclass
+class RouterState:
+    """Everything one router app owns. Handlers and the P/D handler reach it as ``request.app[STATE_KEY]``."""
+
+    config: RouterConfig
+    clock: Callable[[], float]
+    rng: random.Random
+    pool: BackendPool
+    metrics: RouterMetrics
+    services: Services
+    policies: dict[str, Pipeline]
+    admission: Admission
+    governance: GovernanceLog
+    keys: KeyChecker
+    discovery: Any
+    pd_handler: PdHandler | None = None
+    session: aiohttp.ClientSession = field(default=None)  # type: ignore[assignment]  # set on startup
+    monitor: BackendMonitor = field(default=None)  # type: ignore[assignment]
+    _bg: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def policy_for(self, headers) -> Pipeline:
+        name = headers.get(POLICY_HEADER) or self.config.policy
+        pipeline = self.policies.get(name)
+        if pipeline is None:
+            raise ApiError(400, f"unknown routing policy {name!r} in {POLICY_HEADER}; known: {sorted(self.policies)}",
+                           POLICY_HEADER)  # fmt: skip
+        return pipeline
+
+    def model_label(self, model: str) -> str:
+        """``model`` if a backend serves it, else "other" (keeps metric labels bounded)."""
+        return model if any(model in b.models for b in self.pool) else "other"
+
+    def select(self, ctx: RequestContext, candidates: list[Backend], pipeline: Pipeline | None = None):
+        """Run a policy over ``candidates`` (helper for the P/D handler)."""
+        return (pipeline or self.policies[self.config.policy]).select(ctx, candidates)
+
+    def spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
+
+
+STATE_KEY: web.AppKey[RouterState] = web.AppKey("kvscale_router", RouterState)
+
+
+def _load_pd_handler() -> PdHandler | None:
+    if importlib.util.find_spec("router.pd") is None:
+        return None
+    return getattr(importlib.import_module("router.pd"), "handle_pd", None)
+
+
+def create_app(
+    config: RouterConfig,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+    discovery: Any = None,
+) -> web.Application:
+    """Build a router app. ``discovery`` defaults to static backends or Kubernetes per ``config``; pass an object
+    with ``async start(on_update)`` / ``async stop()`` to use another source."""
+    config.validate(require_source=discovery is None)
+    rng = rng or random.Random()
+    pool = BackendPool(clock, config.ejection)
+    metrics = RouterMetrics()
+    services = Services(clock=clock, rng=rng, pool=pool, prefix_index=PrefixIndex(config.prefix_index_capacity))
+    registry = load_registry()
+    extra = load_policy_file(config.policy_config) if config.policy_config else None
+    policies = build_policies(registry, services, extra)
+    if config.policy not in policies:
+        raise ValueError(f"--policy {config.policy!r} is not a known policy; known: {sorted(policies)}")
+    if discovery is None:
+        if config.k8s_selector:
+            discovery = KubernetesDiscovery(
+                config.k8s_selector, config.k8s_namespace, port=config.k8s_port, relist_s=config.k8s_relist_s
+            )
+        else:
+            discovery = StaticDiscovery(config.backends)
+    state = RouterState(
+        config=config,
+        clock=clock,
+        rng=rng,
+        pool=pool,
+        metrics=metrics,
+        services=services,
+        policies=policies,
+        admission=Admission(config.max_concurrency, config.max_queue, config.queue_timeout_s, config.retry_after_s),
+        governance=GovernanceLog(config.governance_log),
+        keys=KeyChecker(config.api_keys),
+        discovery=discovery,
+        pd_handler=_load_pd_handler(),
+    )
+
+    def on_eject(b: Backend) -> None:
+        metrics.ejections.labels(b.url).inc()
+        log.warning("backend %s ejected for %.1fs", b.url, b.ejected_until - clock())
+
+    pool.on_eject = on_eject
+    pool.on_remove = lambda b: (metrics.forget_backend(b.url), services.prefix_index.remove_backend(b.url))
+
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors_middleware])
+    app[STATE_KEY] = state
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    app.router.add_get("/metrics", metrics_endpoint)
+    app.on_startup.append(_on_startup)
+    app.on_cleanup.append(_on_cleanup)
+    return app
+
+
+async def _on_startup(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    c = state.config
+    state.session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=60.0), auto_decompress=False
+    )
+    state.monitor = BackendMonitor(
+        state.pool, state.session, state.metrics,
+        scrape_interval_s=c.scrape_interval_s, scrape_timeout_s=c.scrape_timeout_s,
+        health_interval_s=c.health_interval_s, health_timeout_s=c.health_timeout_s,
+        health_failure_threshold=c.health_failure_threshold, models_refresh_s=c.models_refresh_s, clock=state.clock,
+    )  # fmt: skip
+    initial: list[Backend] = []
+
+    def on_update(specs: list[BackendSpec]) -> None:
+        added, removed = state.pool.update(specs)
+        for b in removed:
+            log.info("backend %s left the pool", b.url)
+        if added:
+            log.info("backends joined: %s", [b.url for b in added])
+            initial.extend(added)
+            state.spawn(state.monitor.on_added(added))
+
+    await state.discovery.start(on_update)
+    await state.monitor.on_added(list(state.pool))  # know models and health before the first request
+    state.monitor.start()
+
+
+async def _on_cleanup(app: web.Application) -> None:
+    state = app[STATE_KEY]
+    await state.discovery.stop()
+    if state.monitor is not None:
+        await state.monitor.stop()
+    for t in list(state._bg):
+        t.cancel()
+    if state.session is not None:
+        await state.session.close()
+    state.governance.close()
+
+
+@web.middleware
+async def _errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    if request.path.startswith("/v1/") and state.keys.enabled and not state.keys.check(
+        request.headers.get("Authorization")
+    ):
+        return ApiError(401, "missing or invalid API key (Authorization: Bearer KEY)", None).response()
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:  # aiohttp's own 404/405/413: answer them in OpenAI's shape
+        if exc.status < 400:
+            raise
+        return web.json_response(error_body(exc.status, exc.reason or exc.text or "error"), status=exc.status)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def _read_json(request: web.Request, limit: int) -> tuple[bytes, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiError(413, f"request body of {request.content_length} bytes exceeds the limit of {limit}", None)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise ApiError(413, f"request body exceeds the limit of {limit} bytes", None) from None
+    try:
+        return raw, json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", None) from None
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    state = request.app[STATE_KEY]
+    clock = state.clock
+    t0 = clock()
+    rid = request.headers.get("x-request-id") or f"kvr-{uuid.uuid4().hex}"
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    ctx: RequestContext | None = None
+    pipeline_name = "none"
+    status = 500
+    try:
+        raw, body = await _read_json(request, state.config.max_body_bytes)
+        model, text, stream = validate_body(body, chat)
+        pipeline = state.policy_for(request.headers)
+        pipeline_name = pipeline.name
+        ctx = RequestContext(rid, model, "chat" if chat else "completions", text, body, request.headers, stream,
+                             pipeline.name, raw, started=t0)  # fmt: skip
+        serving = state.pool.for_model(model)
+        if not serving:
+            raise ApiError(404, f"the model {model!r} does not exist; served: {sorted(state.pool.models(False))}",
+                           "model", "NotFoundError")  # fmt: skip
+        async with state.admission.slot():
+            state.metrics.in_flight.inc()
+            try:
+                if state.pd_handler is not None and any(b.role == "prefill" for b in serving):
+                    resp = await state.pd_handler(state, ctx, request, pipeline, path)
+                else:
+                    resp = await route_with_retries(state, ctx, request, pipeline, path)
+            finally:
+                state.metrics.in_flight.dec()
+        status = resp.status
+        return resp
+    except ApiError as exc:
+        status = exc.status
+        if status == 429 or (status == 503 and "capacity" in exc.message):
+            state.metrics.rejected.labels("queue_full" if status == 429 else "queue_timeout").inc()
+        return exc.response()
+    except (asyncio.CancelledError, ConnectionResetError):
+        status = 499
+        raise
+    finally:
+        _account(state, ctx, pipeline_name, status, clock() - t0, rid)
+
+
+def _account(state: RouterState, ctx: RequestContext | None, policy: str, status: int, duration: float,
+             rid: str) -> None:  # fmt: skip
+    rec = ctx.state.get("_log", {}) if ctx is not None else {}
+    backend = rec.get("backend", "none")
+    model = state.model_label(ctx.model) if ctx is not None else "other"
+    state.metrics.requests.labels(model, backend, policy, str(status)).inc()
+    state.metrics.duration.labels(model).observe(duration)
+    if not state.governance.enabled:
+        return
+    entry: dict[str, Any] = {
+        "ts": round(time.time(), 3),
+        "request_id": rid,
+        "model": ctx.model if ctx is not None else None,
+        "endpoint": ctx.endpoint if ctx is not None else None,
+        "backend": None if backend == "none" else backend,
+        "policy": policy,
+        "prompt_hash": ctx.prompt_hash if ctx is not None else None,
+        "prompt_chars": len(ctx.prompt) if ctx is not None else None,
+        "sampling": sampling_params(ctx.body) if ctx is not None else {},
+        "prompt_tokens": rec.get("prompt_tokens"),
+        "completion_tokens": rec.get("completion_tokens"),
+        "cached_tokens": rec.get("cached_tokens"),
+        "ttft_s": None if rec.get("ttft_s") is None else round(rec["ttft_s"], 6),
+        "duration_s": round(duration, 6),
+        "attempts": len(ctx.tried) if ctx is not None else 0,
+        "status": status,
+    }
+    state.governance.write(entry)
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    data = [{"id": m, "object": "model", "created": 0, "owned_by": "kvscale-router"}
+            for m in sorted(state.pool.models(healthy_only=True))]  # fmt: skip
+    return web.json_response({"object": "list", "data": data})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    n = sum(1 for b in state.pool if b.available(state.clock()) and b.models)
+    body = {"ready": n > 0, "available_backends": n, "backends": len(state.pool)}
+    return web.json_response(body, status=200 if n else 503)
+
+
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    index = state.services.prefix_index
+    if index is not None:
+        state.metrics.prefix_entries.set(len(index))
+        state.metrics.prefix_hit_rate.set(index.hit_rate)
+    state.metrics.queued.set(state.admission.queued)
+    return web.Response(body=generate_latest(state.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -1,0 +1,151 @@
+"""The request context handed to policies, and validation of the fields the router reads.
+
+The router reads only ``model``, ``prompt`` / ``messages``, ``stream`` and ``max_tokens`` (plus
+``max_completion_tokens``); everything else passes to the backend untouched (the raw body bytes are forwarded).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import xxhash
+
+from router.errors import ApiError
+
+__all__ = ["ROOT_HASH", "RequestContext", "prompt_block_hashes", "render_messages", "validate_body"]
+
+ROOT_HASH = 0x6B7673636C65  # same root as kvscale.hashing
+
+
+def prompt_block_hashes(text: str, block_chars: int, max_blocks: int | None = None) -> list[int]:
+    """Chained xxh3-64 hashes of the full ``block_chars``-character blocks of ``text`` (equal hash = equal prefix).
+
+    The router does not tokenize, so blocks are characters, not tokens; only full blocks are hashed.
+    """
+    if block_chars <= 0:
+        raise ValueError(f"block_chars must be positive, got {block_chars}")
+    n = len(text) // block_chars
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    digest = xxhash.xxh3_64_intdigest
+    out: list[int] = []
+    h = ROOT_HASH
+    for i in range(n):
+        h = digest(text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass"), seed=h)
+        out.append(h)
+    return out
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, Mapping):
+                if isinstance(part.get("text"), str):
+                    parts.append(part["text"])
+                elif part.get("type"):
+                    parts.append(f"<{part['type']}>")
+        return "".join(parts)
+    return ""
+
+
+def render_messages(messages: list[Mapping[str, Any]]) -> str:
+    """Chat messages rendered to one string (role line + text), the router's stand-in for a chat template."""
+    return "".join(f"<|{m.get('role', '')}|>\n{_content_text(m.get('content'))}\n" for m in messages)
+
+
+def _render_prompt(prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt)
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return " ".join(map(str, prompt))
+    return "\n".join(" ".join(map(str, p)) for p in prompt)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_body(body: Any, chat: bool) -> tuple[str, str, bool]:
+    """Check the fields the router reads; returns (model, prompt text, stream). Raises :class:`ApiError` 400."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", None)
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "'model' is required and must be a non-empty string", "model")
+    if chat:
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise ApiError(400, "'messages' is required and must be a non-empty list", "messages")
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ApiError(400, f"messages[{i}] must be an object with a string 'role'", "messages")
+            c = m.get("content")
+            if c is not None and not isinstance(c, str | list):
+                raise ApiError(400, f"messages[{i}].content must be a string, a list of parts or null", "messages")
+        text = render_messages(msgs)
+    else:
+        prompt = body.get("prompt")
+        ok = isinstance(prompt, str) or (
+            isinstance(prompt, list)
+            and prompt
+            and (
+                all(isinstance(p, str) for p in prompt)
+                or all(_is_int(p) for p in prompt)
+                or all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)
+            )
+        )
+        if not ok:
+            raise ApiError(
+                400, "'prompt' is required: a string, a list of strings, or token ids (list of ints or lists)",
+                "prompt",
+            )
+        text = _render_prompt(prompt)
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be a boolean", "stream")
+    for name in ("max_tokens", "max_completion_tokens"):
+        v = body.get(name)
+        if v is not None and (not _is_int(v) or v < 1):
+            raise ApiError(400, f"'{name}' must be an integer ≥ 1", name)
+    return model, text, bool(stream)
+
+
+@dataclass
+class RequestContext:
+    """Everything a policy may look at for one request. Plugins may stash per-request data in ``state``."""
+
+    request_id: str
+    model: str
+    endpoint: str  # "completions" | "chat"
+    prompt: str  # completions prompt, or chat messages rendered with :func:`render_messages`
+    body: dict[str, Any]  # the parsed JSON body (read-only by convention)
+    headers: Mapping[str, str]  # request headers (case-insensitive mapping)
+    stream: bool = False
+    policy: str = ""
+    raw_body: bytes = b""  # the original request bytes, forwarded unchanged
+    started: float = field(default_factory=time.monotonic)
+    tried: list[str] = field(default_factory=list)  # backend URLs already attempted for this request
+    state: dict[str, Any] = field(default_factory=dict)
+    _hashes: dict[tuple[int, int | None], list[int]] = field(default_factory=dict, repr=False)
+
+    def block_hashes(self, block_chars: int = 64, max_blocks: int | None = None) -> list[int]:
+        """Chained hashes of the prompt's full blocks (computed once per block size, then cached)."""
+        key = (block_chars, max_blocks)
+        if key not in self._hashes:
+            self._hashes[key] = prompt_block_hashes(self.prompt, block_chars, max_blocks)
+        return self._hashes[key]
+
+    @property
+    def prompt_hash(self) -> str:
+        """A 128-bit hash of the prompt, for logs (the text itself is never logged)."""
+        if "_prompt_hash" not in self.state:
+            self.state["_prompt_hash"] = xxhash.xxh3_128_hexdigest(self.prompt.encode("utf-8", "surrogatepass"))
+        return self.state["_prompt_hash"]

@@ -1,0 +1,283 @@
+"""The OpenAI endpoints: validate, pick a backend with the policy pipeline, proxy with retries, stream through.
+
+Reusable helpers (also for the P/D handler):
+
+* :func:`attempt` — one try on one backend; returns the client response, or a :class:`RetryableFailure` when
+  the backend failed *before the first byte reached the client* (connect error, timeout, 5xx, stream broken
+  before its first chunk). After the first byte a failure ends the stream with an SSE error event
+  (:func:`router.errors.sse_error_event`) — output is never duplicated.
+* :func:`route_with_retries` — select → attempt → on failure record it (passive ejection), back off with jitter
+  (:func:`backoff_delay`) and retry on a backend not tried yet, up to ``max_attempts``.
+* :func:`forward_headers`, :func:`usage_from_sse_tail`, :func:`post_json` (a non-streaming JSON call to a backend
+  with failure accounting — e.g. the prefill leg of P/D).
+
+P/D extension point
+-------------------
+If the model's backends include ``role=prefill`` backends and the module ``router.pd`` exists, the completion
+handlers delegate to::
+
+    async def handle_pd(state: RouterState, ctx: RequestContext, request: web.Request,
+                        pipeline: Pipeline, path: str) -> web.StreamResponse
+
+``state`` is the app's :class:`router.app.RouterState` (``pool``, ``policies``, ``session``, ``config``,
+``metrics``, ``services``, ``clock``, ``rng``); ``ctx.body`` the parsed JSON and ``ctx.raw_body`` the original
+bytes; ``path`` is ``/v1/completions`` or ``/v1/chat/completions``. It runs inside the admission slot and its
+result's status is logged and counted like any other. It may raise :class:`router.errors.ApiError`. Without
+``router.pd``, prefill-role backends are simply not routed to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+
+from router.backends import Backend
+from router.context import RequestContext
+from router.errors import ApiError, sse_error_event
+from router.policies import Outcome, Pipeline
+
+if TYPE_CHECKING:
+    from router.app import RouterState
+
+log = logging.getLogger("kvscale.router")
+
+__all__ = [
+    "PdHandler",
+    "RetryableFailure",
+    "attempt",
+    "backoff_delay",
+    "forward_headers",
+    "post_json",
+    "route_with_retries",
+    "usage_from_sse_tail",
+]
+
+PdHandler = Callable[["RouterState", RequestContext, web.Request, Pipeline, str], Awaitable[web.StreamResponse]]
+
+_HOP = {"host", "content-length", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
+        "trailer", "transfer-encoding", "upgrade", "authorization", "x-kvscale-policy", "accept-encoding"}  # fmt: skip
+_TAIL = 16384  # bytes of the stream kept to find the final usage chunk
+
+
+@dataclass(frozen=True)
+class RetryableFailure:
+    """An attempt failed before anything reached the client: safe to retry elsewhere."""
+
+    reason: str  # "connect" | "timeout" | "5xx" | "empty"
+    detail: str
+
+
+def forward_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
+    """Client headers minus hop-by-hop ones, the router's own (Authorization, x-kvscale-policy), plus the id."""
+    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP)
+    out["x-request-id"] = request_id
+    return out
+
+
+def backoff_delay(attempt_no: int, base_s: float, cap_s: float, rng: random.Random) -> float:
+    """Full-jitter exponential backoff: uniform(0, min(cap, base·2^(n-1)))."""
+    return rng.uniform(0.0, min(cap_s, base_s * 2 ** max(0, attempt_no - 1)))
+
+
+def usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
+    """The ``usage`` object of the last SSE event that has one (vLLM sends it last with include_usage)."""
+    for event in reversed(tail.split(b"\n\n")):
+        event = event.strip()
+        if event.startswith(b"data: {") and b'"usage"' in event:
+            try:
+                usage = json.loads(event[6:]).get("usage")
+            except ValueError:
+                continue
+            if isinstance(usage, dict):
+                return usage
+    return None
+
+
+def _usage_fields(usage: Mapping[str, Any] | None) -> dict[str, int | None]:
+    if not isinstance(usage, Mapping):
+        return {"prompt_tokens": None, "completion_tokens": None, "cached_tokens": None}
+    details = usage.get("prompt_tokens_details")
+    return {
+        "prompt_tokens": usage.get("prompt_tokens"),
+        "completion_tokens": usage.get("completion_tokens"),
+        "cached_tokens": details.get("cached_tokens") if isinstance(details, Mapping) else None,
+    }
+
+
+def _timeout(state: RouterState) -> aiohttp.ClientTimeout:
+    c = state.config
+    return aiohttp.ClientTimeout(
+        total=c.request_timeout_s or None, sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s
+    )
+
+
+async def attempt(
+    state: RouterState,
+    ctx: RequestContext,
+    request: web.Request,
+    backend: Backend,
+    pipeline: Pipeline,
+    path: str,
+    body: bytes | None = None,
+) -> web.StreamResponse | RetryableFailure:
+    """Send the request to ``backend`` and relay the answer (see the module docstring)."""
+    clock = state.clock
+    t0 = clock()
+    rec = ctx.state.setdefault("_log", {})
+    rec["backend"] = backend.url
+    backend.in_flight += 1
+    backend.requests_total += 1
+    outcome_status, error, ttft = 0, None, None
+    usage: dict[str, Any] | None = None
+    up: aiohttp.ClientResponse | None = None
+    try:
+        try:
+            up = await state.session.post(
+                backend.url + path,
+                data=ctx.raw_body if body is None else body,
+                headers=forward_headers(ctx.headers, ctx.request_id),
+                timeout=_timeout(state),
+            )
+            if up.status >= 500:
+                detail = (await up.content.read(2048)).decode("utf-8", "replace")
+                error = "5xx"
+                return RetryableFailure("5xx", f"{backend.url} answered HTTP {up.status}: {detail[:200]}")
+            stream = ctx.stream and up.status == 200 and up.content_type == "text/event-stream"
+            first = await (up.content.readany() if stream else up.read())
+        except TimeoutError as exc:
+            error = "timeout"
+            return RetryableFailure("timeout", f"{backend.url}: timed out ({exc})")
+        except (aiohttp.ClientError, OSError) as exc:
+            error = "connect"
+            return RetryableFailure("connect", f"{backend.url}: {type(exc).__name__}: {exc}")
+        if stream and not first:
+            error = "empty"
+            return RetryableFailure("empty", f"{backend.url}: the stream ended before its first byte")
+
+        headers = {"x-request-id": ctx.request_id, "x-kvscale-backend": backend.url}
+        if up.status != 200:  # a 4xx from the engine is the client's problem: pass it through untouched
+            outcome_status = up.status
+            return web.Response(status=up.status, body=first, content_type=up.content_type, headers=headers)
+
+        ttft = clock() - t0
+        outcome_status = 200
+        state.pool.record_success(backend)
+        pipeline.on_response_start(ctx, backend)
+        if not stream:
+            if up.content_type == "application/json":
+                try:
+                    usage = json.loads(first).get("usage")
+                except (ValueError, AttributeError):
+                    usage = None
+            return web.Response(status=200, body=first, content_type=up.content_type, headers=headers)
+
+        state.metrics.ttft.labels(state.model_label(ctx.model)).observe(ttft)
+        resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
+                                                      "Cache-Control": "no-cache"})  # fmt: skip
+        await resp.prepare(request)
+        await resp.write(first)
+        itl = state.metrics.itl.labels(state.model_label(ctx.model))
+        tail = first[-_TAIL:]
+        last = clock()
+        try:
+            async for chunk in up.content.iter_any():
+                now = clock()
+                itl.observe(now - last)
+                last = now
+                await resp.write(chunk)
+                tail = (tail + chunk)[-_TAIL:]
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            if request.transport is None or request.transport.is_closing():
+                raise  # the client went away (aiohttp reports it as a connection error on write)
+            # The backend failed mid-stream: end the stream with an error event, never retry (no duplicates).
+            error, outcome_status = "stream", 502
+            state.pool.record_failure(backend)
+            await resp.write(sse_error_event(f"the backend failed mid-stream: {type(exc).__name__}", 502))
+        usage = usage_from_sse_tail(tail)
+        await resp.write_eof()
+        return resp
+    except (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConnectionResetError):
+        outcome_status, error = 499, error or "client"
+        raise
+    finally:
+        if up is not None:
+            if outcome_status in (0, 499) or error:
+                up.close()  # abort the upstream request: the engine frees the sequence
+            else:
+                up.release()
+        backend.in_flight -= 1
+        duration = clock() - t0
+        u = _usage_fields(usage)
+        rec.update(u)
+        rec["ttft_s"] = ttft
+        pipeline.on_finish(ctx, backend, Outcome(outcome_status or 502, error, ttft, duration, **u))
+
+
+async def route_with_retries(
+    state: RouterState,
+    ctx: RequestContext,
+    request: web.Request,
+    pipeline: Pipeline,
+    path: str,
+    candidates: Callable[[], list[Backend]] | None = None,
+    body: bytes | None = None,
+) -> web.StreamResponse:
+    """Select, attempt, retry on another backend before the first byte; 503 + Retry-After when nothing is left."""
+    cfg = state.config
+    pick_from = candidates or (lambda: state.pool.available(ctx.model))
+    last = "no healthy backend serves this model"
+    for n in range(1, cfg.max_attempts + 1):
+        pool = [b for b in pick_from() if b.url not in ctx.tried]
+        backend = pipeline.select(ctx, pool) if pool else None
+        if backend is None:
+            break
+        ctx.tried.append(backend.url)
+        result = await attempt(state, ctx, request, backend, pipeline, path, body)
+        if not isinstance(result, RetryableFailure):
+            return result
+        last = result.detail
+        log.info("request %s: attempt %d failed (%s)", ctx.request_id, n, result.detail)
+        state.pool.record_failure(backend)
+        if n < cfg.max_attempts:
+            state.metrics.retries.labels(result.reason).inc()
+            await asyncio.sleep(backoff_delay(n, cfg.retry_backoff_s, cfg.retry_backoff_max_s, state.rng))
+    raise ApiError(503, f"no backend could serve the request: {last}", None,
+                   headers={"Retry-After": str(cfg.retry_after_s)})  # fmt: skip
+
+
+async def post_json(
+    state: RouterState, backend: Backend, path: str, payload: Mapping[str, Any], ctx: RequestContext
+) -> tuple[int, Any] | RetryableFailure:
+    """POST JSON to a backend and read a JSON answer (counts in-flight; 5xx/connection errors → failure)."""
+    backend.in_flight += 1
+    try:
+        async with state.session.post(
+            backend.url + path, json=payload, headers=forward_headers(ctx.headers, ctx.request_id),
+            timeout=_timeout(state),
+        ) as up:
+            if up.status >= 500:
+                return RetryableFailure("5xx", f"{backend.url} answered HTTP {up.status}")
+            try:
+                return up.status, await up.json(content_type=None)
+            except ValueError:
+                return RetryableFailure("5xx", f"{backend.url} answered non-JSON")
+    except TimeoutError:
+        return RetryableFailure("timeout", f"{backend.url}: timed out")
+    except (aiohttp.ClientError, OSError) as exc:
+        return RetryableFailure("connect", f"{backend.url}: {type(exc).__name__}: {exc}")
+    finally:
+        backend.in_flight -= 1
+
+
+def now_wall() -> float:
+    return time.time()
