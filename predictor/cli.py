@@ -1,9 +1,245 @@
-"""`kvscale predictor` commands (registered by kvscale.cli)."""
+"""``kvscale profile run | import | fit | capacity`` (registered by kvscale.cli)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
+    return values
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        lo, hi = (int(x) for x in text.split(":"))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected LO:HI, got {text!r}") from e
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"expected 0 <= LO < HI, got {text!r}")
+    return lo, hi
+
+
+def _env(name: str, default: str | None = None) -> str | None:
+    return os.environ.get(f"KVSCALE_PROFILE_{name}", default)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    from predictor.profiler import DEFAULT_SWEEPS, ProfileConfig
+
+    d = ProfileConfig(endpoints=[], model="", out=Path("."))
+    p.add_argument("--endpoint", action="append", required=True, metavar="URL",
+                   help="OpenAI-compatible base URL (repeat for several pods of the same configuration)")
+    p.add_argument("--model", required=True, help="served model name")
+    p.add_argument("--out", required=True, type=Path, help="profile directory (re-running resumes it)")
+    p.add_argument("--sweeps", default=",".join(DEFAULT_SWEEPS), help="prefill,prefix,decode,load")
+    p.add_argument("--hardware", default=_env("HARDWARE", ""), help="hardware label, e.g. '1x H100 SXM 80GB'")
+    p.add_argument("--prefill-isl", type=_ints, default=d.prefill_isl, help="prefill ISL grid")
+    p.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats)
+    p.add_argument("--decode-concurrency", type=_ints, default=d.decode_concurrency)
+    p.add_argument("--decode-context", type=_ints, default=d.decode_context)
+    p.add_argument("--decode-osl", type=int, default=d.decode_osl)
+    p.add_argument("--load-workload", default=d.load_workload, help="chat|rag|reasoning|shared-prefix lengths")
+    p.add_argument("--load-rates", type=_floats, default=d.load_rates, help="Poisson rates (req/s), ascending")
+    p.add_argument("--load-duration", type=float, default=d.load_duration_s, help="seconds per load point")
+    p.add_argument("--token-range", type=_range, default=d.token_range, help="random prompt token ids LO:HI")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: read from /v1/models")
+    p.add_argument("--timeout", type=float, default=d.timeout_s, help="per-request timeout (s)")
+    p.add_argument("--warmup-requests", type=int, default=d.warmup_requests)  # fmt: skip
+
+
+def run_main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from predictor.profiler import SWEEPS, ProfileConfig, ProfileError, run_profile
+
+    console = Console(stderr=True)
+    sweeps = tuple(s.strip() for s in args.sweeps.split(",") if s.strip())
+    bad = [s for s in sweeps if s not in SWEEPS]
+    if bad:
+        console.print(f"kvscale profile run: unknown sweep(s) {bad}; valid: {', '.join(SWEEPS)}")
+        return 2
+    cfg = ProfileConfig(
+        endpoints=args.endpoint, model=args.model, out=args.out, sweeps=sweeps, hardware=args.hardware,
+        prefill_isl=args.prefill_isl, prefill_repeats=args.prefill_repeats,
+        decode_concurrency=args.decode_concurrency, decode_context=args.decode_context, decode_osl=args.decode_osl,
+        load_workload=args.load_workload, load_rates=args.load_rates, load_duration_s=args.load_duration,
+        token_range=args.token_range, max_model_len=args.max_model_len, timeout_s=args.timeout,
+        warmup_requests=args.warmup_requests,
+    )  # fmt: skip
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
+        task = progress.add_task("profiling", total=None)
+
+        def on_progress(done: int, total: int, point: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"profiling {point}".strip())
+
+        try:
+            summary = run_profile(cfg, on_progress)
+        except ProfileError as e:
+            progress.stop()
+            console.print(f"[red]kvscale profile run: {e}[/red]")
+            return 1
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(f"interrupted; measured points are kept in {cfg.out} (re-run to resume)")
+            return 130
+    console.print(
+        f"measured {len(summary.measured)} points in {summary.wall_s:.1f} s, skipped {len(summary.skipped)} "
+        f"already measured; profile in {cfg.out}"
+    )
+    for reason in summary.dropped:
+        console.print(f"  not measured: {reason}")
+    return 0
+
+
+def import_main(args: argparse.Namespace) -> int:
+    from predictor.dataset import DatasetError
+    from predictor.importer import ImportError_, import_results
+
+    try:
+        written = import_results(args.files, args.out, hardware=args.hardware, model=args.model)
+    except (ImportError_, DatasetError) as e:
+        print(f"kvscale profile import: {e}", file=sys.stderr)
+        return 2
+    print(f"imported {len(written)} result file(s) into {args.out}: {', '.join(written) or 'nothing new'}")
+    return 0
+
+
+def fit_main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from predictor.dataset import DatasetError
+    from predictor.fit import FitError, fit_profile
+
+    try:
+        model, _ = fit_profile(args.profile, name=args.name, folds=args.folds)
+    except (FitError, DatasetError) as e:
+        print(f"kvscale profile fit: {e}", file=sys.stderr)
+        return 2
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(model.dumps())
+    fit = model.extra["fit"]
+    table = Table(title=f"{model.name}: {model.hardware} / {model.engine}")
+    table.add_column("coefficient")
+    table.add_column("value", justify="right")
+    for k, v in model.to_dict()["step_time"]["coefficients"].items():
+        table.add_row(k, f"{v:.4g}")
+    table.add_row("ttft_overhead_s", f"{fit['ttft_overhead_s']:.4g}")
+    val = Table(title=f"held-out error ({fit['validation']['method']})")
+    for c in ("latency", "MAPE", "p90 APE", "points"):
+        val.add_column(c, justify="right")
+    for kind in ("ttft", "itl"):
+        v = fit["validation"][kind]
+        val.add_row(kind.upper(), f"{v['mape']:.1%}", f"{v['p90_ape']:.1%}", str(v["n"]))
+    console = Console()
+    console.print(table)
+    console.print(val)
+    console.print(f"fitted range: {json.dumps(fit['range'])}")
+    console.print(f"wrote {args.out}")
+    return 0
+
+
+def capacity_main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from predictor.capacity import SLO, capacity
+    from simulator.latency import LatencyModelError, load_latency_model
+    from simulator.workload import WORKLOADS, load_trace
+
+    try:
+        model = load_latency_model(args.model)
+        slo = SLO(args.ttft_slo_ms / 1000.0, args.itl_slo_ms / 1000.0, args.percentile)
+        workload = args.workload
+        if workload not in WORKLOADS:
+            workload = _workload_from_trace(load_trace(workload), Path(workload).stem)
+    except (LatencyModelError, ValueError, OSError) as e:
+        print(f"kvscale profile capacity: {e}", file=sys.stderr)
+        return 2
+    roles = ["prefill", "decode", "aggregated"] if args.role == "all" else [args.role]
+    table = Table(title=f"capacity of one replica — {model.name}, TTFT p{slo.percentile:g} ≤ {args.ttft_slo_ms:g} ms, "
+                        f"ITL p{slo.percentile:g} ≤ {args.itl_slo_ms:g} ms")  # fmt: skip
+    for c in ("role", "workload", f"max req/s ({args.method})", "analytic (M/D/1)", "prefill tok/s", "decode tok/s"):
+        table.add_column(c, justify="right")
+    results = []
+    for role in roles:
+        r = capacity(model, slo, workload, role, method=args.method)
+        results.append(r.as_dict())
+        table.add_row(role, r.workload, f"{r.rate_rps:.3g}", f"{r.analytic_rps:.3g}",
+                      f"{r.prefill_tokens_per_s:.4g}", f"{r.decode_tokens_per_s:.4g}")  # fmt: skip
+    Console().print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+    return 0
+
+
+def _workload_from_trace(trace: list, name: str):
+    """A WorkloadSpec whose length distribution matches a trace file (log-normal fit of its lengths)."""
+    import numpy as np
+
+    from simulator.workload import WorkloadSpec
+
+    if not trace:
+        raise ValueError(f"trace {name!r} is empty")
+    isl = np.log(np.array([t.input_len for t in trace], dtype=float))
+    osl = np.log(np.array([t.output_len for t in trace], dtype=float))
+    return WorkloadSpec(name, float(np.exp(isl.mean())), float(isl.std()), float(np.exp(osl.mean())),
+                        float(osl.std()), max_input_len=int(np.exp(isl.max())) + 1,
+                        max_output_len=int(np.exp(osl.max())) + 1)  # fmt: skip
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add this part's commands to the top-level parser."""
+    """Add ``kvscale profile run|import|fit|capacity``."""
+    prof = sub.add_parser("profile", help="benchmark engine pods, fit latency models, compute capacity")
+    ps = prof.add_subparsers(dest="profile_command", required=True)
+
+    run = ps.add_parser("run", help="drive endpoints through prefill/decode/load sweeps into a profile directory")
+    add_run_args(run)
+    run.set_defaults(func=run_main)
+
+    imp = ps.add_parser("import", help="import `vllm bench serve --save-result --save-detailed` files")
+    imp.add_argument("files", nargs="+", type=Path)
+    imp.add_argument("--out", required=True, type=Path)
+    imp.add_argument("--model", default=None, help="default: model_id from the files")
+    imp.add_argument("--hardware", default="")
+    imp.set_defaults(func=import_main)
+
+    fit = ps.add_parser("fit", help="fit the step-time latency model to a profile (with held-out validation)")
+    fit.add_argument("profile", type=Path)
+    fit.add_argument("--out", required=True, type=Path, help="latency-model JSON to write")
+    fit.add_argument("--name", default=None)
+    fit.add_argument("--folds", type=int, default=5)
+    fit.set_defaults(func=fit_main)
+
+    cap = ps.add_parser("capacity", help="max request rate per replica under a TTFT/ITL SLO")
+    cap.add_argument("model", help="latency-model JSON (or a built-in name)")
+    cap.add_argument("--ttft-slo-ms", type=float, required=True)
+    cap.add_argument("--itl-slo-ms", type=float, required=True)
+    cap.add_argument("--workload", default="chat", help="chat|rag|reasoning|shared-prefix or a trace JSONL file")
+    cap.add_argument("--percentile", type=float, default=90.0)
+    cap.add_argument("--role", default="all", choices=["prefill", "decode", "aggregated", "all"])
+    cap.add_argument("--method", default="simulate", choices=["simulate", "analytic"])
+    cap.add_argument("--json", default=None, help="write the results here")
+    cap.set_defaults(func=capacity_main)

@@ -168,7 +168,7 @@ def latency_model_from_dict(d: Any) -> LatencyModel:
     if kind not in ("estimate", "measured", "fitted"):
         raise LatencyModelError(f"kind: expected estimate|measured|fitted, got {kind!r}")
     known = {"schema", "version", "name", "kind", "hardware", "model", "engine", "notes", "step_time", "kv_transfer"}
-    return LatencyModel(
+    model = LatencyModel(
         name=_str(d, "name") or "unnamed",
         coefficients=c,
         kv_transfer_base_s=_number(kv, "base_s", "kv_transfer", default=0.0),
@@ -180,6 +180,31 @@ def latency_model_from_dict(d: Any) -> LatencyModel:
         notes=_str(d, "notes"),
         extra={k: v for k, v in d.items() if k not in known},
     )
+    _validate_fit_section(model)
+    return model
+
+
+def _validate_fit_section(model: LatencyModel) -> None:
+    """Check the ``fit`` block of a fitted artifact (field-naming errors), on top of the step-time checks."""
+    fit = model.extra.get("fit")
+    if model.kind != "fitted":
+        return
+    if not isinstance(fit, dict):
+        raise LatencyModelError("fit: a fitted model needs a 'fit' object")
+    for key in ("range", "validation"):
+        if not isinstance(fit.get(key), dict):
+            raise LatencyModelError(f"fit.{key}: missing or not an object")
+    for kind in ("ttft", "itl"):
+        v = fit["validation"].get(kind)
+        if not isinstance(v, dict):
+            raise LatencyModelError(f"fit.validation.{kind}: missing or not an object")
+        for k in ("mape", "p90_ape"):
+            x = v.get(k)
+            if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0:
+                raise LatencyModelError(f"fit.validation.{kind}.{k}: expected a number >= 0, got {x!r}")
+    for k, v in fit["range"].items():
+        if not (isinstance(v, list) and len(v) == 2 and all(isinstance(t, int | float) for t in v) and v[0] <= v[1]):
+            raise LatencyModelError(f"fit.range.{k}: expected [low, high], got {v!r}")
 
 
 def builtin_models() -> list[str]:

@@ -1,0 +1,471 @@
+"""``kvscale profile run``: drive OpenAI-compatible endpoints through prefill, decode and load sweeps.
+
+Sweeps (after Dynamo's pre-deployment profiling and AIBrix's gpu-optimizer):
+
+* ``prefill``: an ISL grid at concurrency 1 with ``max_tokens=1``, so TTFT ≈ one prefill; every prompt starts
+  with fresh random tokens, so no prefix-cache hit pollutes it.
+* ``prefix`` (optional): the same ISLs sent twice, the second time sharing a prefix of the first, to *measure*
+  TTFT with a cached prefix (and the engine's reported ``cached_tokens``).
+* ``decode``: a concurrency x context grid with a fixed OSL, streaming; per-token inter-token latencies.
+* ``load``: Poisson arrivals at increasing rates with a workload's ISL/OSL distribution, until saturation.
+
+Prompts are token-id lists (``prompt: [ids]``, accepted by vLLM, SGLang and the simulator), so lengths are exact
+without a tokenizer; the recorded ISL is what the server reports in ``usage``. Points are spread over the
+endpoints (one point at a time per endpoint) and each is written when complete, so a re-run skips them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import math
+import platform
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from kvscale import __version__
+from kvscale.engine_stats import EngineStats, ScrapeError, scrape
+from kvscale.loadgen import Sample, stream_completion
+from predictor.dataset import measured_points, read_manifest, request_row, write_manifest, write_point
+from simulator.workload import WORKLOADS, poisson
+
+SWEEPS = ("prefill", "prefix", "decode", "load")
+DEFAULT_SWEEPS = ("prefill", "decode", "load")
+
+
+class ProfileError(RuntimeError):
+    """The profile cannot go on (endpoint down, not an OpenAI API, too many failures); measured points are kept."""
+
+
+@dataclass(frozen=True)
+class Point:
+    sweep: str
+    isl: int
+    osl: int
+    concurrency: int = 1
+    rate_rps: float = 0.0
+    cached: int = 0
+    requests: int = 1  # measured requests (prefill/prefix: sequential repeats; decode: rounds of `concurrency`)
+
+    @property
+    def point_id(self) -> str:
+        if self.sweep == "prefill":
+            return f"prefill-isl{self.isl}"
+        if self.sweep == "prefix":
+            return f"prefix-isl{self.isl}-cached{self.cached}"
+        if self.sweep == "decode":
+            return f"decode-c{self.concurrency}-ctx{self.isl}-osl{self.osl}"
+        return f"load-r{self.rate_rps:g}"
+
+
+@dataclass
+class ProfileConfig:
+    endpoints: list[str]
+    model: str
+    out: Path
+    sweeps: tuple[str, ...] = DEFAULT_SWEEPS
+    prefill_isl: tuple[int, ...] = (32, 128, 256, 512, 1024, 2048, 4096, 8192)
+    prefill_repeats: int = 8
+    prefix_cached_fraction: float = 0.75
+    decode_concurrency: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    decode_context: tuple[int, ...] = (128, 1024, 4096)
+    decode_osl: int = 64
+    decode_rounds: int = 1
+    load_workload: str = "chat"
+    load_rates: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
+    load_duration_s: float = 30.0
+    saturation_ttft_s: float = 10.0  # stop the load sweep once TTFT p90 exceeds this, or TTFT keeps growing
+    saturation_growth: float = 5.0  # (median TTFT of the last quarter of arrivals vs the first quarter)
+    warmup_requests: int = 3
+    token_range: tuple[int, int] = (100, 2000)  # safe for every real vocabulary (and the tiny test model)
+    timeout_s: float = 300.0
+    metrics_interval_s: float = 0.5
+    hardware: str = ""
+    max_model_len: int | None = None  # None: read from /v1/models
+    seed: int = 0  # arrival times of the load sweep
+    max_failure_fraction: float = 0.5
+
+    def parameters(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for k in ("endpoints", "out", "hardware"):
+            d.pop(k)
+        return d
+
+
+@dataclass
+class EndpointInfo:
+    url: str
+    max_model_len: int | None
+    engine: str
+    engine_version: str
+    hardware: str
+    block_size: int | None = None  # from the engine's vllm:cache_config_info
+    num_gpu_blocks: int | None = None
+
+    @property
+    def kv_tokens(self) -> int | None:
+        return self.block_size * self.num_gpu_blocks if self.block_size and self.num_gpu_blocks else None
+
+
+@dataclass
+class PointResult:
+    point: Point
+    rows: list[dict[str, Any]]
+    engine_rows: list[dict[str, Any]]
+    wall_s: float
+    failures: int = 0
+    saturated: bool = False
+
+
+@dataclass
+class ProfileSummary:
+    measured: list[PointResult] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # already on disk
+    dropped: list[str] = field(default_factory=list)  # outside max_model_len, or past saturation
+    wall_s: float = 0.0
+
+
+def build_points(
+    cfg: ProfileConfig, max_model_len: int | None, kv_tokens: int | None = None
+) -> tuple[list[Point], list[str]]:
+    """The grid, minus points that cannot fit the model's context or, for decode, the KV cache without
+    preemption (returned as readable reasons)."""
+    points: list[Point] = []
+    dropped: list[str] = []
+    limit = max_model_len or math.inf
+
+    def add(p: Point) -> None:
+        if p.isl + p.osl > limit:
+            dropped.append(f"{p.point_id} (ISL {p.isl} + OSL {p.osl} > max_model_len {max_model_len})")
+        elif p.sweep == "decode" and kv_tokens and p.concurrency * (p.isl + p.osl) > 0.9 * kv_tokens:
+            dropped.append(f"{p.point_id} ({p.concurrency} x {p.isl + p.osl} tokens > 90% of the KV cache "
+                           f"({kv_tokens} tokens): it would measure preemption)")  # fmt: skip
+        else:
+            points.append(p)
+
+    for sweep in cfg.sweeps:
+        if sweep not in SWEEPS:
+            raise ValueError(f"unknown sweep {sweep!r}; valid: {', '.join(SWEEPS)}")
+        if sweep == "prefill":
+            for isl in cfg.prefill_isl:
+                add(Point("prefill", isl, 1, requests=cfg.prefill_repeats))
+        elif sweep == "prefix":
+            for isl in cfg.prefill_isl:
+                add(Point("prefix", isl, 1, cached=int(isl * cfg.prefix_cached_fraction), requests=cfg.prefill_repeats))
+        elif sweep == "decode":
+            for ctx in cfg.decode_context:
+                for c in cfg.decode_concurrency:
+                    add(Point("decode", ctx, cfg.decode_osl, concurrency=c, requests=cfg.decode_rounds))
+        else:
+            spec = WORKLOADS[cfg.load_workload]
+            for r in cfg.load_rates:
+                points.append(Point("load", int(spec.input_median), int(spec.output_median), concurrency=0, rate_rps=r))
+    return points, dropped
+
+
+async def probe_endpoint(session: aiohttp.ClientSession, url: str, model: str, timeout_s: float = 10.0) -> EndpointInfo:
+    """Check that ``url`` speaks the OpenAI API and serves ``model``; read max_model_len and the engine version."""
+    base = url.rstrip("/")
+    try:
+        async with session.get(f"{base}/v1/models", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise ProfileError(f"{url}: GET /v1/models answered HTTP {resp.status}: {text[:200]!r}")
+            try:
+                data = await resp.json(content_type=None)
+                models = {m["id"]: m for m in data["data"]}
+            except (ValueError, KeyError, TypeError) as e:
+                raise ProfileError(f"{url}: GET /v1/models is not an OpenAI models list: {text[:200]!r}") from e
+    except (aiohttp.ClientError, TimeoutError, OSError) as e:
+        raise ProfileError(f"{url}: cannot reach the endpoint ({type(e).__name__}: {e})") from e
+    if model not in models:
+        raise ProfileError(f"{url}: does not serve model {model!r} (it serves {sorted(models)})")
+    info = models[model]
+    engine, version, hardware = "openai-compatible", "", ""
+    try:
+        async with session.get(f"{base}/version", timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            if resp.status == 200:
+                v = await resp.json(content_type=None)
+                version = str(v.get("version", ""))
+                engine = str(v.get("engine", "vllm"))
+                hardware = str(v.get("hardware", ""))
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError, AttributeError):
+        pass
+    block_size = num_blocks = None
+    try:
+        st = await scrape(session, f"{base}/metrics", timeout_s=timeout_s, light=True)
+        block_size, num_blocks = st.block_size, st.num_gpu_blocks
+    except ScrapeError:
+        pass  # not every OpenAI-compatible endpoint exports engine metrics
+    mml = info.get("max_model_len")
+    return EndpointInfo(
+        url, int(mml) if isinstance(mml, int) else None, engine, version, hardware, block_size, num_blocks
+    )
+
+
+def engine_point_stats(before: EngineStats, after: EngineStats) -> dict[str, Any]:
+    """The engine's own TTFT/ITL over a point (histogram deltas): exact means, free of HTTP and client delays.
+
+    A point runs alone on its endpoint and ``before`` is taken after its warm-up, so the deltas are exactly the
+    point's measured requests.
+    """
+    ttft, itl = after.ttft - before.ttft, after.itl - before.itl
+    return {
+        "engine_ttft_mean_s": ttft.mean,
+        "engine_ttft_count": ttft.count,
+        "engine_itl_mean_s": itl.mean,
+        "engine_itl_count": itl.count,
+        "engine_prompt_tokens": after.prompt_tokens_total - before.prompt_tokens_total,
+        "engine_generation_tokens": after.generation_tokens_total - before.generation_tokens_total,
+    }
+
+
+class _Prompts:
+    """Random token-id prompts; a fresh random start makes every prompt's first block unique.
+
+    Seeded from OS entropy, never from the config: a re-run against the same (warm) pod must not repeat prompts.
+    """
+
+    def __init__(self, token_range: tuple[int, int]) -> None:
+        self.lo, self.hi = token_range
+        self.rng = np.random.default_rng()
+
+    def make(self, n: int) -> list[int]:
+        return self.rng.integers(self.lo, self.hi, max(1, n)).tolist()
+
+
+def _body(model: str, prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    # ignore_eos (vLLM/SGLang extension) makes the output length exact; temperature 0 keeps sampling cheap.
+    return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True, "temperature": 0.0}
+
+
+def _row(point: Point, sample: Sample, start_s: float, warmup: bool) -> dict[str, Any]:
+    return request_row(
+        sweep=point.sweep, point_id=point.point_id, endpoint=sample.endpoint, isl_target=point.isl,
+        osl_target=point.osl, concurrency=point.concurrency, rate_rps=point.rate_rps, cached_target=point.cached,
+        warmup=warmup, start_s=start_s, ok=sample.ok, status=sample.status, error=sample.error[:300],
+        ttft_s=sample.ttft_s, e2e_s=sample.e2e_s, itl_s=list(sample.itls_s), prompt_tokens=sample.prompt_tokens,
+        completion_tokens=sample.completion_tokens, cached_tokens=sample.cached_tokens,
+    )  # fmt: skip
+
+
+class Profiler:
+    """Runs the sweeps of one :class:`ProfileConfig`. ``on_progress(done, total, point_id)`` drives a progress bar."""
+
+    def __init__(self, cfg: ProfileConfig, on_progress: Callable[[int, int, str], None] | None = None) -> None:
+        self.cfg = cfg
+        self.on_progress = on_progress or (lambda *_: None)
+        self.prompts = _Prompts(cfg.token_range)
+        self.max_model_len: int | None = cfg.max_model_len
+
+    async def run(self) -> ProfileSummary:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        summary = ProfileSummary()
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            infos = [await probe_endpoint(session, u, cfg.model) for u in cfg.endpoints]
+            mml = cfg.max_model_len or min((i.max_model_len for i in infos if i.max_model_len), default=None)
+            self.max_model_len = mml
+            self._write_manifest(infos, mml)
+            kv = min((i.kv_tokens for i in infos if i.kv_tokens), default=None)
+            points, summary.dropped = build_points(cfg, mml, kv)
+            done = measured_points(cfg.out)
+            todo = [p for p in points if p.point_id not in done]
+            summary.skipped = [p.point_id for p in points if p.point_id in done]
+            total = len(points)
+            progress = [len(summary.skipped)]
+            self.on_progress(progress[0], total, "")
+            await self._warmup(session, infos)
+            # Load points run in rate order on all endpoints at once (they need the whole pool); the other points
+            # are spread over the endpoints, one at a time per endpoint.
+            queue: asyncio.Queue[Point] = asyncio.Queue()
+            for p in todo:
+                if p.sweep != "load":
+                    queue.put_nowait(p)
+            failure: list[BaseException] = []
+
+            async def worker(info: EndpointInfo) -> None:
+                while not queue.empty() and not failure:
+                    p = queue.get_nowait()
+                    try:
+                        res = await self._measure(session, p, [info.url])
+                    except ProfileError as e:
+                        failure.append(e)
+                        return
+                    summary.measured.append(res)
+                    progress[0] += 1
+                    self.on_progress(progress[0], total, p.point_id)
+
+            await asyncio.gather(*(worker(i) for i in infos))
+            if failure:
+                raise failure[0]
+            saturated = False
+            for p in (p for p in todo if p.sweep == "load"):
+                if saturated:
+                    summary.dropped.append(f"{p.point_id} (past saturation)")
+                    progress[0] += 1
+                    continue
+                res = await self._measure(session, p, cfg.endpoints)
+                summary.measured.append(res)
+                saturated = res.saturated
+                progress[0] += 1
+                self.on_progress(progress[0], total, p.point_id)
+        summary.wall_s = time.perf_counter() - t0
+        return summary
+
+    def _write_manifest(self, infos: list[EndpointInfo], mml: int | None) -> None:
+        cfg = self.cfg
+        engine = infos[0].engine
+        version = infos[0].engine_version
+        hardware = cfg.hardware or infos[0].hardware or "unknown (pass --hardware)"
+        manifest = {
+            "engine": engine,
+            "engine_version": version,
+            "model": cfg.model,
+            "hardware": hardware,
+            "endpoints": cfg.endpoints,
+            "max_model_len": mml,
+            "kv_cache": {"block_size": infos[0].block_size, "num_gpu_blocks": infos[0].num_gpu_blocks},
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "kvscale_version": __version__,
+            "client_host": platform.node(),
+            "parameters": cfg.parameters(),
+        }
+        if (cfg.out / "manifest.json").is_file():
+            old = read_manifest(cfg.out)
+            if old.get("model") != cfg.model:
+                raise ProfileError(
+                    f"{cfg.out} holds a profile of model {old.get('model')!r}, not {cfg.model!r}: use another --out"
+                )
+            manifest["created"] = old.get("created", manifest["created"])
+            manifest["resumed"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        write_manifest(cfg.out, manifest)
+
+    async def _warmup(self, session: aiohttp.ClientSession, infos: list[EndpointInfo]) -> None:
+        """A few requests per endpoint before measuring (first requests pay compilation and allocation)."""
+        for info in infos:
+            for _ in range(self.cfg.warmup_requests):
+                s = await stream_completion(
+                    session, info.url, _body(self.cfg.model, self.prompts.make(64), 8), timeout_s=self.cfg.timeout_s
+                )
+                if not s.ok:
+                    raise ProfileError(f"{info.url}: warm-up request failed: HTTP {s.status} {s.error[:300]}")
+
+    async def _engine_snapshot(self, session: aiohttp.ClientSession, url: str) -> EngineStats | None:
+        try:
+            return await scrape(session, f"{url.rstrip('/')}/metrics")
+        except ScrapeError:
+            return None
+
+    async def _sample_engine(
+        self, session: aiohttp.ClientSession, urls: list[str], point: Point, t0: float, rows: list[dict[str, Any]]
+    ) -> None:
+        while True:
+            for u in urls:
+                try:
+                    st = await scrape(session, f"{u.rstrip('/')}/metrics", light=True)
+                except ScrapeError:
+                    continue  # engine metrics are context, not the measurement: a miss leaves a gap
+                rows.append({"point_id": point.point_id, "endpoint": u, "t_s": time.perf_counter() - t0,
+                             "running": st.running, "waiting": st.waiting, "kv_usage": st.kv_usage})  # fmt: skip
+            await asyncio.sleep(self.cfg.metrics_interval_s)
+
+    async def _measure(self, session: aiohttp.ClientSession, point: Point, urls: list[str]) -> PointResult:
+        cfg = self.cfg
+        rows: list[dict[str, Any]] = []
+        engine_rows: list[dict[str, Any]] = []
+        t0 = time.perf_counter()
+        sampler = asyncio.create_task(self._sample_engine(session, urls, point, t0, engine_rows))
+
+        async def send(prompt: list[int], max_tokens: int, url: str, warmup: bool = False) -> Sample:
+            start = time.perf_counter() - t0
+            s = await stream_completion(session, url, _body(cfg.model, prompt, max_tokens), timeout_s=cfg.timeout_s)
+            rows.append(_row(point, s, start, warmup))
+            return s
+
+        before: list[EngineStats | None] = [None]
+
+        async def mark() -> None:  # the engine's counters as the measured phase starts
+            before[0] = await self._engine_snapshot(session, urls[0])
+
+        try:
+            if point.sweep in ("prefill", "prefix", "decode"):
+                # One unmeasured request of the point's shape first (CPU engines compile per shape).
+                await send(self.prompts.make(point.isl), min(point.osl, 4), urls[0], warmup=True)
+            if point.sweep == "prefill":
+                await mark()
+                for _ in range(point.requests):
+                    await send(self.prompts.make(point.isl), 1, urls[0])
+            elif point.sweep == "prefix":
+                firsts = [self.prompts.make(point.isl) for _ in range(point.requests)]
+                for first in firsts:
+                    await send(first, 1, urls[0], warmup=True)  # fills the cache
+                await mark()
+                for first in firsts:
+                    await send(first[: point.cached] + self.prompts.make(point.isl - point.cached), 1, urls[0])
+            elif point.sweep == "decode":
+                await mark()
+                for _ in range(point.requests):
+                    await asyncio.gather(
+                        *(send(self.prompts.make(point.isl), point.osl, urls[0]) for _ in range(point.concurrency))
+                    )
+            else:
+                await self._load(point, urls, send)
+        finally:
+            sampler.cancel()
+            await asyncio.gather(sampler, return_exceptions=True)
+        stats = None
+        if before[0] is not None and (after := await self._engine_snapshot(session, urls[0])) is not None:
+            stats = engine_point_stats(before[0], after)
+        measured = [r for r in rows if not r["warmup"]]
+        failures = sum(1 for r in measured if not r["ok"])
+        if measured and failures / len(measured) > cfg.max_failure_fraction:
+            first = next(r for r in measured if not r["ok"])
+            raise ProfileError(
+                f"{point.point_id}: {failures}/{len(measured)} requests failed (first: HTTP {first['status']} "
+                f"{first['error'][:200]}); points measured so far are kept in {cfg.out}"
+            )
+        saturated = False
+        if point.sweep == "load":
+            ok = sorted((r for r in measured if r["ok"]), key=lambda r: r["start_s"])
+            ttft = [r["ttft_s"] for r in ok]
+            p90 = float(np.percentile(ttft, 90)) if ttft else math.inf
+            q = max(1, len(ttft) // 4)
+            growing = np.median(ttft[-q:]) > cfg.saturation_growth * np.median(ttft[:q]) + 0.1 if ttft else True
+            saturated = p90 > cfg.saturation_ttft_s or bool(growing)
+        write_point(cfg.out, point.point_id, rows, engine_rows, stats)
+        return PointResult(point, rows, engine_rows, time.perf_counter() - t0, failures, saturated)
+
+    async def _load(self, point: Point, urls: list[str], send: Callable[..., Any]) -> None:
+        cfg = self.cfg
+        rng = np.random.default_rng(cfg.seed + int(point.rate_rps * 1000))
+        arrivals = poisson(point.rate_rps, cfg.load_duration_s, rng)
+        spec = WORKLOADS[cfg.load_workload]
+        limit = self.max_model_len or 10**9
+        isl, osl = spec.sample(arrivals.size, rng)
+        osl = np.minimum(osl, limit // 2)
+        t0 = time.perf_counter()
+        pick = random.Random(cfg.seed)
+
+        async def one(at: float, n_in: int, n_out: int) -> None:
+            delay = at - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            n_in = int(min(n_in, max(1, limit - n_out - 1)))
+            await send(self.prompts.make(n_in), int(n_out), pick.choice(urls))
+
+        await asyncio.gather(*(one(a, i, o) for a, i, o in zip(arrivals.tolist(), isl.tolist(), osl.tolist(),
+                                                                 strict=True)))  # fmt: skip
+
+
+def run_profile(cfg: ProfileConfig, on_progress: Callable[[int, int, str], None] | None = None) -> ProfileSummary:
+    return asyncio.run(Profiler(cfg, on_progress).run())

@@ -1,0 +1,201 @@
+"""``kvscale profile`` end to end over real HTTP: the simulator server and the real vLLM CPU engine.
+
+The fidelity loop (issue "Profiler and predictor") runs here: profile vLLM CPU with a reduced grid, fit, check the
+held-out error is reported and bounded, then replay one load on vLLM and on ``kvscale sim serve --latency-model``
+with the fitted model and report how far apart TTFT/ITL land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from kvscale.testing.procs import ManagedProcess, free_port
+from predictor.dataset import measured_points, read_engine, read_manifest, read_requests
+from predictor.fit import fit_profile
+from predictor.profiler import ProfileConfig, ProfileError, run_profile
+
+SMALL = dict(prefill_isl=(32, 256, 1024), prefill_repeats=3, decode_concurrency=(1, 8), decode_context=(128, 512),
+             decode_osl=24, load_rates=(2.0, 200.0), load_duration_s=3.0, warmup_requests=1)  # fmt: skip
+
+
+def _sim(tmp: Path, *extra: str) -> tuple[ManagedProcess, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "kvscale.cli", "sim", "serve", "--port", str(port), "--model", "sim-model", *extra]
+    proc = ManagedProcess(cmd, log_path=tmp / f"sim-{port}.log", name=f"sim-{port}").start()
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http_ready(f"{url}/health", timeout=60)
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def sim_url(tmp_path_factory: pytest.TempPathFactory):
+    proc, url = _sim(tmp_path_factory.mktemp("sim"))
+    yield url
+    proc.stop()
+
+
+def test_profile_run_on_the_simulator_writes_a_resumable_dataset(sim_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "profile"
+    cfg = ProfileConfig(endpoints=[sim_url], model="sim-model", out=out, hardware="test-box", **SMALL)
+    summary = run_profile(cfg)
+    ids = measured_points(out)
+    assert {"prefill-isl32", "prefill-isl1024", "decode-c8-ctx512-osl24", "load-r2"} <= ids
+    # 200 req/s saturates the simulated H100 pod on chat lengths: the sweep stops there.
+    assert "load-r200" in ids and summary.measured[-1].saturated
+    df = read_requests(out)
+    pre = df[(df.sweep == "prefill") & ~df.warmup]
+    assert (pre.prompt_tokens == pre.isl_target).all() and (pre.cached_tokens == 0).all()  # unique prompts
+    dec = df[(df.sweep == "decode") & ~df.warmup]
+    assert (dec.completion_tokens == 24).all() and dec.itl_s.map(len).min() >= 20
+    assert len(read_engine(out)) > 0
+    m = read_manifest(out)
+    assert m["hardware"] == "test-box" and m["engine"] == "kvscale-sim" and m["parameters"]["decode_osl"] == 24
+    # Resumable: a second run measures nothing new.
+    again = run_profile(cfg)
+    assert again.measured == [] and set(again.skipped) == ids - {"load-r200"} | ({"load-r200"} & ids)
+    model, _ = fit_profile(out)
+    assert model.kind == "fitted" and model.extra["fit"]["validation"]["ttft"]["n"] >= 3
+
+
+def test_profile_cli_reports_a_down_endpoint_and_keeps_points(sim_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    port = free_port()
+    r = subprocess.run([sys.executable, "-m", "kvscale.cli", "profile", "run", "--endpoint",
+                        f"http://127.0.0.1:{port}", "--model", "x", "--out", str(out)],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "cannot reach the endpoint" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "kvscale.cli", "profile", "run", "--endpoint", sim_url,
+                        "--model", "nope", "--out", str(out)], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 1 and "does not serve model 'nope'" in r.stderr and "sim-model" in r.stderr
+
+
+async def test_non_openai_answers_and_mid_run_failures_are_clear(tmp_path: Path) -> None:
+    """A web server that is not an OpenAI API, then one that starts failing after some points: the error says so
+    and the points measured before the failure stay on disk."""
+    calls = {"n": 0}
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": "m", "max_model_len": 4096}]})
+
+    async def completions(_: web.Request) -> web.StreamResponse:
+        calls["n"] += 1
+        if calls["n"] > 12:
+            return web.Response(status=500, text="engine died")
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(_)
+        await resp.write(b'data: {"choices":[{"text":"a"}]}\n\n')
+        await resp.write(b'data: {"choices":[],"usage":{"prompt_tokens":32,"completion_tokens":1}}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def html(_: web.Request) -> web.Response:
+        return web.Response(text="<html>login</html>", content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/completions", completions)
+    bad = web.Application()
+    bad.router.add_get("/v1/models", html)
+    runners = []
+    urls = []
+    for a in (app, bad):
+        runner = web.AppRunner(a)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runners.append(runner)
+        urls.append(f"http://127.0.0.1:{port}")
+    try:
+        loop = asyncio.get_running_loop()
+        cfg = ProfileConfig(endpoints=[urls[1]], model="m", out=tmp_path / "a", **SMALL)
+        with pytest.raises(ProfileError, match="not an OpenAI models list"):
+            await loop.run_in_executor(None, run_profile, cfg)
+        cfg = ProfileConfig(endpoints=[urls[0]], model="m", out=tmp_path / "b", sweeps=("prefill",),
+                            prefill_isl=(32, 64, 128, 256, 512), prefill_repeats=3, warmup_requests=1)  # fmt: skip
+        with pytest.raises(ProfileError, match="requests failed .*HTTP 500.*kept in"):
+            await loop.run_in_executor(None, run_profile, cfg)
+        assert len(measured_points(tmp_path / "b")) == 3  # 1 warm-up + 3 points x (1 + 3) requests succeeded
+    finally:
+        for r in runners:
+            await r.cleanup()
+
+
+# -- fidelity loop: real vLLM CPU ----------------------------------------------------------------------------------
+
+VLLM_GRID = dict(prefill_isl=(32, 128, 256, 512, 768, 960), prefill_repeats=6, decode_concurrency=(1, 2, 4, 8, 16),
+                 decode_context=(64, 256, 512), decode_osl=32, warmup_requests=3)  # fmt: skip
+# Held-out error bound asserted on this shared 2-core CI machine, where the OS scheduler, not the model,
+# dominates millisecond step times. The issue's goal (5%) is reported by `make bench`, not asserted.
+MAPE_BOUND = 0.35
+
+
+def run_same_load(url: str, model: str, rate: float, n: int, seed: int) -> dict[str, float]:
+    """Open-loop Poisson load with chat-like lengths scaled to a 1024-token context; client-side percentiles."""
+    from kvscale.loadgen import run_open_loop
+
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate, n))
+    isl = rng.integers(64, 512, n)
+    osl = rng.integers(16, 64, n)
+    reqs = [(float(a), url, {"model": model, "prompt": rng.integers(100, 2000, int(i)).tolist(),
+                             "max_tokens": int(o), "ignore_eos": True, "temperature": 0.0}, False)
+            for a, i, o in zip(arrivals, isl, osl, strict=True)]  # fmt: skip
+
+    async def go():
+        async with aiohttp.ClientSession() as s:
+            return await run_open_loop(s, reqs)
+
+    samples = asyncio.run(go())
+    ok = [s for s in samples if s.ok]
+    ttft = np.array([s.ttft_s for s in ok])
+    tpot = np.array([(s.e2e_s - s.ttft_s) / (s.completion_tokens - 1) for s in ok if s.completion_tokens > 1])
+    return {"errors": len(samples) - len(ok), "ttft_p50_s": float(np.percentile(ttft, 50)),
+            "ttft_p90_s": float(np.percentile(ttft, 90)), "itl_p50_s": float(np.percentile(tpot, 50)),
+            "itl_p90_s": float(np.percentile(tpot, 90))}  # fmt: skip
+
+
+def fidelity_loop(vllm_server, tmp_path: Path, grid: dict, rate: float = 8.0, n: int = 120) -> dict:
+    """Profile vLLM CPU, fit, then the same load on vLLM and on the simulator driven by the fitted model."""
+    import time
+
+    out = tmp_path / "vllm-profile"
+    t0 = time.perf_counter()
+    run_profile(ProfileConfig(endpoints=[vllm_server.url], model=vllm_server.model, out=out,
+                              sweeps=("prefill", "prefix", "decode"), hardware="CI CPU (2 cores)", **grid))  # fmt: skip
+    profile_wall = time.perf_counter() - t0
+    model, _ = fit_profile(out, name="tiny-llama-vllm-cpu")
+    artifact = tmp_path / "fitted.json"
+    artifact.write_text(model.dumps())
+    on_vllm = run_same_load(vllm_server.url, vllm_server.model, rate, n, seed=7)
+    kv = model.extra.get("kv_cache", {})
+    proc, sim_url = _sim(tmp_path, "--latency-model", str(artifact), "--max-model-len", "1024",
+                         "--block-size", str(kv.get("block_size", 32)), "--num-gpu-blocks",
+                         str(kv.get("num_gpu_blocks", 256)), "--served-model-name", vllm_server.model)  # fmt: skip
+    try:
+        on_sim = run_same_load(sim_url, vllm_server.model, rate, n, seed=7)
+    finally:
+        proc.stop()
+    rel = {k: (on_sim[k] - on_vllm[k]) / on_vllm[k] for k in on_vllm if k != "errors"}
+    return {"validation": model.extra["fit"]["validation"], "vllm": on_vllm, "sim": on_sim, "relative_error": rel,
+            "profile_wall_s": profile_wall, "artifact": json.loads(artifact.read_text())}  # fmt: skip
+
+
+@pytest.mark.vllm
+def test_fidelity_loop_on_vllm_cpu(vllm_server, tmp_path: Path) -> None:
+    res = fidelity_loop(vllm_server, tmp_path, VLLM_GRID)
+    v = res["validation"]
+    sys.stderr.write(f"\nfidelity: held-out {json.dumps(v)}\n  vLLM {res['vllm']}\n  sim  {res['sim']}\n"
+                     f"  relative error {res['relative_error']}\n")  # fmt: skip
+    assert res["artifact"]["engine"].startswith("vllm 0.32")
+    for kind in ("ttft", "itl"):
+        assert v[kind]["n"] >= 10 and v[kind]["p90_ape"] >= v[kind]["mape"] * 0.5
+        assert v[kind]["mape"] < MAPE_BOUND, f"{kind} held-out MAPE {v[kind]['mape']:.1%} >= {MAPE_BOUND:.0%}"
+    assert res["vllm"]["errors"] == 0 and res["sim"]["errors"] == 0
