@@ -120,7 +120,7 @@ async def test_non_openai_answers_and_mid_run_failures_are_clear(tmp_path: Path)
             await loop.run_in_executor(None, run_profile, cfg)
         cfg = ProfileConfig(endpoints=[urls[0]], model="m", out=tmp_path / "b", sweeps=("prefill",),
                             prefill_isl=(32, 64, 128, 256, 512), prefill_repeats=3, warmup_requests=1)  # fmt: skip
-        with pytest.raises(ProfileError, match="requests failed .*HTTP 500.*kept in"):
+        with pytest.raises(ProfileError, match=r"requests failed .*HTTP 500.*kept in"):
             await loop.run_in_executor(None, run_profile, cfg)
         assert len(measured_points(tmp_path / "b")) == 3  # 1 warm-up + 3 points x (1 + 3) requests succeeded
     finally:

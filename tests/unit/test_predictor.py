@@ -105,8 +105,10 @@ def test_slo_rejects_nonsense(bad: dict) -> None:
 # -- fitting -----------------------------------------------------------------------------------------------------
 
 
-def synthetic_profile(root: Path, truth=LAT, overhead: float = 0.002, noise: float = 0.0, seed: int = 0,
-                      isls=(64, 256, 1024, 2048, 4096), batches=(1, 4, 16, 64), contexts=(256, 2048)) -> None:  # fmt: skip
+def synthetic_profile(
+    root: Path, truth=LAT, overhead: float = 0.002, noise: float = 0.0, seed: int = 0,
+    isls=(64, 256, 1024, 2048, 4096), batches=(1, 4, 16, 64), contexts=(256, 2048),
+) -> None:  # fmt: skip
     """A profile whose latencies come from a known step-time model (optionally with multiplicative noise)."""
     rng = np.random.default_rng(seed)
     jitter = lambda: 1.0 + noise * rng.standard_normal()  # noqa: E731
@@ -120,7 +122,8 @@ def synthetic_profile(root: Path, truth=LAT, overhead: float = 0.002, noise: flo
         cached = isl // 2
         rows = [request_row(sweep="prefix", point_id=f"prefix-isl{isl}", isl_target=isl, osl_target=1,
                             cached_target=cached, ok=True, status=200, prompt_tokens=isl, cached_tokens=cached,
-                            completion_tokens=1, ttft_s=(overhead + truth.prefill_time(isl - cached, cached)) * jitter())
+                            completion_tokens=1,
+                            ttft_s=(overhead + truth.prefill_time(isl - cached, cached)) * jitter())
                 for _ in range(4)]  # fmt: skip
         write_point(root, f"prefix-isl{isl}", rows, [])
     osl = 32
@@ -133,7 +136,8 @@ def synthetic_profile(root: Path, truth=LAT, overhead: float = 0.002, noise: flo
                 itl = [step * jitter() for _ in range(osl - 1)]
                 rows.append(request_row(sweep="decode", point_id=f"decode-c{b}-ctx{ctx}", isl_target=ctx,
                                         osl_target=osl, concurrency=b, ok=True, status=200, prompt_tokens=ctx,
-                                        completion_tokens=osl, ttft_s=ttft, e2e_s=ttft + sum(itl), itl_s=itl))  # fmt: skip
+                                        completion_tokens=osl, ttft_s=ttft, e2e_s=ttft + sum(itl),
+                                        itl_s=itl))  # fmt: skip
             write_point(root, f"decode-c{b}-ctx{ctx}", rows, [])
 
 
@@ -174,7 +178,7 @@ def test_fit_refuses_a_degenerate_profile_naming_what_is_missing(tmp_path: Path)
     write_manifest(empty, {"model": "m"})
     with pytest.raises(FitError, match="no measured points"):
         fit_profile(empty)
-    with pytest.raises(DatasetError, match="no manifest.json"):
+    with pytest.raises(DatasetError, match=r"no manifest\.json"):
         fit_profile(tmp_path / "nowhere")
 
 
