@@ -11,6 +11,8 @@ import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from yarl import URL
+
 from kvscale.engine_stats import EngineStats
 
 __all__ = ["ROLES", "Backend", "BackendPool", "BackendSpec", "EjectionPolicy", "parse_backend_spec"]
@@ -87,6 +89,14 @@ class Backend:
     ejections: int = 0  # since last success
     ejected_until: float = 0.0
     requests_total: int = 0
+    _urls: dict[str, URL] = field(default_factory=dict, repr=False)  # parsed endpoint URLs, by path
+
+    def endpoint(self, path: str) -> URL:
+        """``url + path`` as a parsed URL, cached (the HTTP client then skips parsing it per request)."""
+        u = self._urls.get(path)
+        if u is None:
+            u = self._urls[path] = URL(self.url + path)
+        return u
 
     @property
     def models(self) -> frozenset[str]:
@@ -149,6 +159,10 @@ class BackendPool:
     def get(self, url: str) -> Backend | None:
         return self.backends.get(url)
 
+    def serves(self, model: str) -> bool:
+        """True if some backend (any state) serves ``model``."""
+        return any(model in b.models for b in self.backends.values())
+
     def for_model(self, model: str) -> list[Backend]:
         """Every backend (any state) that serves ``model``."""
         return [b for b in self.backends.values() if model in b.models]
@@ -156,7 +170,8 @@ class BackendPool:
     def available(self, model: str, roles: tuple[str, ...] = ("both", "decode")) -> list[Backend]:
         """Backends that serve ``model`` in one of ``roles``, are healthy and not ejected."""
         now = self.clock()
-        return [b for b in self.backends.values() if b.role in roles and model in b.models and b.available(now)]
+        return [b for b in self.backends.values()
+                if b.healthy and now >= b.ejected_until and b.role in roles and model in b.models]  # fmt: skip
 
     def models(self, healthy_only: bool = True) -> set[str]:
         now = self.clock()

@@ -6,6 +6,8 @@ Labels are bounded: ``model`` is a model some backend serves (else ``"other"``),
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = ["RouterMetrics"]
@@ -18,6 +20,9 @@ _SCRAPE_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 
 
 
 class RouterMetrics:
+    """The metric families, plus per-request helpers that cache labelled children (``.labels()`` takes a lock and
+    builds tuples: too slow to repeat per request). Caches are bounded like the labels themselves."""
+
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
@@ -67,8 +72,32 @@ class RouterMetrics:
             "kvscale_router_health_checks", "Active /health checks, by result", ["result"], registry=r
         )
 
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (id(family), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
+    def request_counter(self, model: str, backend: str, policy: str, status: int) -> Any:
+        return self._child(self.requests, model, backend, policy, str(status))
+
+    def ttft_for(self, model: str) -> Any:
+        return self._child(self.ttft, model)
+
+    def itl_for(self, model: str) -> Any:
+        return self._child(self.itl, model)
+
+    def duration_for(self, model: str) -> Any:
+        return self._child(self.duration, model)
+
     def forget_backend(self, url: str) -> None:
         """Drop the series of a backend that left the pool (keeps label sets bounded under pod churn)."""
+        rid = id(self.requests)
+        for key in [k for k in self._children if k[0] == rid and k[2] == url]:
+            del self._children[key]
         for labels in list(self.requests._metrics):
             if labels[1] == url:
                 self.requests.remove(*labels)

@@ -59,6 +59,7 @@ __all__ = [
     "forward_headers",
     "post_json",
     "route_with_retries",
+    "usage_from_json",
     "usage_from_sse_tail",
 ]
 
@@ -67,6 +68,8 @@ PdHandler = Callable[["RouterState", RequestContext, web.Request, Pipeline, str]
 _HOP = {"host", "content-length", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
         "trailer", "transfer-encoding", "upgrade", "authorization", "x-kvscale-policy", "accept-encoding"}  # fmt: skip
 _TAIL = 16384  # bytes of the stream kept to find the final usage chunk
+_FULL_PARSE_MAX = 16384  # non-streaming answers up to this size are parsed whole for their usage
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,11 @@ class RetryableFailure:
 
 def forward_headers(headers: Mapping[str, str], request_id: str) -> CIMultiDict[str]:
     """Client headers minus hop-by-hop ones, the router's own (Authorization, x-kvscale-policy), plus the id."""
-    out: CIMultiDict[str] = CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in _HOP)
+    out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
+    for k, v in headers.items():
+        if k.lower() not in _HOP:
+            add(k, v)
     out["x-request-id"] = request_id
     return out
 
@@ -103,6 +110,31 @@ def usage_from_sse_tail(tail: bytes) -> dict[str, Any] | None:
     return None
 
 
+def usage_from_json(body: bytes) -> dict[str, Any] | None:
+    """The top-level ``usage`` object of a non-streaming JSON answer.
+
+    Small bodies are parsed whole. In a large one (a long completion) only the ``usage`` object is decoded: it is
+    located as the last ``"usage":`` key (inside a JSON string its quotes would be escaped, so the text cannot fake
+    it), and the whole body is parsed only if that fails.
+    """
+    if len(body) > _FULL_PARSE_MAX:
+        i = body.rfind(b'"usage"')
+        if i >= 0:
+            tail = body[i + 7 :].lstrip()
+            if tail.startswith(b":"):
+                try:
+                    usage, _ = _DECODER.raw_decode(tail[1:].lstrip().decode("utf-8"))
+                except (ValueError, UnicodeDecodeError):
+                    usage = None
+                if isinstance(usage, dict):
+                    return usage
+    try:
+        usage = json.loads(body).get("usage")
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        return None
+    return usage if isinstance(usage, dict) else None
+
+
 def _usage_fields(usage: Mapping[str, Any] | None) -> dict[str, int | None]:
     if not isinstance(usage, Mapping):
         return {"prompt_tokens": None, "completion_tokens": None, "cached_tokens": None}
@@ -115,10 +147,8 @@ def _usage_fields(usage: Mapping[str, Any] | None) -> dict[str, int | None]:
 
 
 def _timeout(state: RouterState) -> aiohttp.ClientTimeout:
-    c = state.config
-    return aiohttp.ClientTimeout(
-        total=c.request_timeout_s or None, sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s
-    )
+    """The upstream timeout of one attempt (built once per app: the config does not change)."""
+    return state.upstream_timeout
 
 
 async def attempt(
@@ -133,7 +163,9 @@ async def attempt(
     """Send the request to ``backend`` and relay the answer (see the module docstring)."""
     clock = state.clock
     t0 = clock()
-    rec = ctx.state.setdefault("_log", {})
+    rec = ctx.state.get("_log")
+    if rec is None:
+        rec = ctx.state["_log"] = {}
     rec["backend"] = backend.url
     backend.in_flight += 1
     backend.requests_total += 1
@@ -143,16 +175,18 @@ async def attempt(
     try:
         try:
             up = await state.session.post(
-                backend.url + path,
+                backend.endpoint(path),
                 data=ctx.raw_body if body is None else body,
                 headers=forward_headers(ctx.headers, ctx.request_id),
-                timeout=_timeout(state),
+                timeout=state.upstream_timeout,
             )
-            if up.status >= 500:
+            status = up.status
+            if status >= 500:
                 detail = (await up.content.read(2048)).decode("utf-8", "replace")
                 error = "5xx"
-                return RetryableFailure("5xx", f"{backend.url} answered HTTP {up.status}: {detail[:200]}")
-            stream = ctx.stream and up.status == 200 and up.content_type == "text/event-stream"
+                return RetryableFailure("5xx", f"{backend.url} answered HTTP {status}: {detail[:200]}")
+            content_type = up.content_type
+            stream = ctx.stream and status == 200 and content_type == "text/event-stream"
             first = await (up.content.readany() if stream else up.read())
         except TimeoutError as exc:
             error = "timeout"
@@ -165,37 +199,38 @@ async def attempt(
             return RetryableFailure("empty", f"{backend.url}: the stream ended before its first byte")
 
         headers = {"x-request-id": ctx.request_id, "x-kvscale-backend": backend.url}
-        if up.status != 200:  # a 4xx from the engine is the client's problem: pass it through untouched
-            outcome_status = up.status
-            return web.Response(status=up.status, body=first, content_type=up.content_type, headers=headers)
+        if status != 200:  # a 4xx from the engine is the client's problem: pass it through untouched
+            outcome_status = status
+            return web.Response(status=status, body=first, content_type=content_type, headers=headers)
 
         ttft = clock() - t0
         outcome_status = 200
         state.pool.record_success(backend)
         pipeline.on_response_start(ctx, backend)
         if not stream:
-            if up.content_type == "application/json":
-                try:
-                    usage = json.loads(first).get("usage")
-                except (ValueError, AttributeError):
-                    usage = None
-            return web.Response(status=200, body=first, content_type=up.content_type, headers=headers)
+            if content_type == "application/json":
+                usage = usage_from_json(first)
+            return web.Response(status=200, body=first, content_type=content_type, headers=headers)
 
-        state.metrics.ttft.labels(state.model_label(ctx.model)).observe(ttft)
-        resp = web.StreamResponse(status=200, headers={**headers, "Content-Type": "text/event-stream",
-                                                      "Cache-Control": "no-cache"})  # fmt: skip
+        model_label = state.model_label(ctx.model)
+        state.metrics.ttft_for(model_label).observe(ttft)
+        headers["Content-Type"] = "text/event-stream"
+        headers["Cache-Control"] = "no-cache"
+        resp = web.StreamResponse(status=200, headers=headers)
         await resp.prepare(request)
         await resp.write(first)
-        itl = state.metrics.itl.labels(state.model_label(ctx.model))
-        tail = first[-_TAIL:]
+        itl = state.metrics.itl_for(model_label).observe
+        tail = bytearray(first[-_TAIL:])
         last = clock()
         try:
             async for chunk in up.content.iter_any():
                 now = clock()
-                itl.observe(now - last)
+                itl(now - last)
                 last = now
                 await resp.write(chunk)
-                tail = (tail + chunk)[-_TAIL:]
+                tail += chunk
+                if len(tail) > 2 * _TAIL:  # amortised trim: no per-chunk copy of the whole tail
+                    del tail[:-_TAIL]
         except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
             if request.transport is None or request.transport.is_closing():
                 raise  # the client went away (aiohttp reports it as a connection error on write)
@@ -203,7 +238,7 @@ async def attempt(
             error, outcome_status = "stream", 502
             state.pool.record_failure(backend)
             await resp.write(sse_error_event(f"the backend failed mid-stream: {type(exc).__name__}", 502))
-        usage = usage_from_sse_tail(tail)
+        usage = usage_from_sse_tail(bytes(tail[-_TAIL:]))
         await resp.write_eof()
         return resp
     except (asyncio.CancelledError, ConnectionResetError, aiohttp.ClientConnectionResetError):
@@ -220,7 +255,8 @@ async def attempt(
         u = _usage_fields(usage)
         rec.update(u)
         rec["ttft_s"] = ttft
-        pipeline.on_finish(ctx, backend, Outcome(outcome_status or 502, error, ttft, duration, **u))
+        if pipeline.has_finish_hooks:
+            pipeline.on_finish(ctx, backend, Outcome(outcome_status or 502, error, ttft, duration, **u))
 
 
 async def route_with_retries(
@@ -237,7 +273,9 @@ async def route_with_retries(
     pick_from = candidates or (lambda: state.pool.available(ctx.model))
     last = "no healthy backend serves this model"
     for n in range(1, cfg.max_attempts + 1):
-        pool = [b for b in pick_from() if b.url not in ctx.tried]
+        pool = pick_from()
+        if ctx.tried:
+            pool = [b for b in pool if b.url not in ctx.tried]
         backend = pipeline.select(ctx, pool) if pool else None
         if backend is None:
             break
@@ -246,7 +284,8 @@ async def route_with_retries(
         if not isinstance(result, RetryableFailure):
             return result
         last = result.detail
-        log.info("request %s: attempt %d failed (%s)", ctx.request_id, n, result.detail)
+        if log.isEnabledFor(logging.INFO):
+            log.info("request %s: attempt %d failed (%s)", ctx.request_id, n, result.detail)
         state.pool.record_failure(backend)
         if n < cfg.max_attempts:
             state.metrics.retries.labels(result.reason).inc()
@@ -262,8 +301,8 @@ async def post_json(
     backend.in_flight += 1
     try:
         async with state.session.post(
-            backend.url + path, json=payload, headers=forward_headers(ctx.headers, ctx.request_id),
-            timeout=_timeout(state),
+            backend.endpoint(path), json=payload, headers=forward_headers(ctx.headers, ctx.request_id),
+            timeout=state.upstream_timeout,
         ) as up:
             if up.status >= 500:
                 return RetryableFailure("5xx", f"{backend.url} answered HTTP {up.status}")

@@ -3,7 +3,53 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _main(args: argparse.Namespace) -> int:
+    from router.bench.routing import BenchConfig, print_table, run
+    from router.bench.workloads import WORKLOADS
+
+    if args.workload not in WORKLOADS:
+        print(f"kvscale bench routing: --workload must be one of {WORKLOADS}", file=sys.stderr)
+        return 2
+    if args.backends < 1 or args.rate <= 0 or args.duration <= 0:
+        print("kvscale bench routing: --backends, --rate and --duration must be positive", file=sys.stderr)
+        return 2
+    cfg = BenchConfig(
+        backends=args.backends, workload=args.workload, rate=args.rate, duration=args.duration, json_path=args.json,
+        policies=[p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None,
+        slowdown=args.slowdown, latency_model=args.latency_model, num_gpu_blocks=args.num_gpu_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed, pd=args.pd, keep_logs=args.keep_logs,
+    )  # fmt: skip
+    result = run(cfg)
+    print_table(result)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the `bench` command group."""
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    p = bench_sub.add_parser("routing", help="routing quality: simulator pods behind each router configuration")
+    p.add_argument("--backends", type=int, default=4, help="pods per run")
+    p.add_argument("--workload", default="shared-prefix",
+                   help="shared-prefix | multi-turn | mixed-length | prefill-heavy")  # fmt: skip
+    p.add_argument("--rate", type=float, default=16.0, help="requests per second (Poisson)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per configuration")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--policies", default=None,
+                   help="comma list (kvscale policy names, vllm-router:NAME, pd:P:D); default: all for the workload")
+    p.add_argument("--slowdown", type=float, default=5.0, help="multiply the latency model's step times")
+    p.add_argument("--latency-model", default="llama-3.1-8b-h100")
+    p.add_argument("--num-gpu-blocks", type=int, default=1000, help="KV cache per pod, in 16-token blocks")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--pd", default=None, metavar="P:D", help="also run P/D with P prefill and D decode pods")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--keep-logs", action="store_true", help="keep pod and router logs (path printed)")
+    p.set_defaults(func=_main)

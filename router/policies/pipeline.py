@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from router.policies.base import Filter, Outcome, Picker, PluginConfigError, Registry, Scorer, Services
+from router.policies.base import Filter, Outcome, Picker, Plugin, PluginConfigError, Registry, Scorer, Services
 
 if TYPE_CHECKING:
     from router.backends import Backend
@@ -27,6 +27,20 @@ class Pipeline:
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
     picker: Picker
+    # Bound hooks of the plugins that override them (found once: most plugins do not, and the hooks run per request)
+    _start_hooks: tuple = field(default=(), init=False, repr=False, compare=False)
+    _finish_hooks: tuple = field(default=(), init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        plugins = list(self._plugins())
+        self._start_hooks = tuple(p.on_response_start for p in plugins
+                                  if type(p).on_response_start is not Plugin.on_response_start)  # fmt: skip
+        self._finish_hooks = tuple(p.on_finish for p in plugins if type(p).on_finish is not Plugin.on_finish)
+
+    @property
+    def has_finish_hooks(self) -> bool:
+        """False when no plugin needs :meth:`on_finish` (the caller may then skip building the Outcome)."""
+        return bool(self._finish_hooks)
 
     def select(self, ctx: RequestContext, candidates: Sequence[Backend]) -> Backend | None:
         """The chosen backend, or None when the filters leave nothing."""
@@ -38,8 +52,9 @@ class Pipeline:
         totals: dict[Backend, float] = dict.fromkeys(backends, 0.0)
         for scorer, weight in self.scorers:
             scores = scorer.score(ctx, backends)
+            get = scores.get
             for b in backends:
-                s = scores.get(b, 0.0)
+                s = get(b, 0.0)
                 totals[b] += weight * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
         return self.picker.pick(ctx, totals)
 
@@ -50,12 +65,12 @@ class Pipeline:
         yield self.picker
 
     def on_response_start(self, ctx: RequestContext, backend: Backend) -> None:
-        for p in self._plugins():
-            p.on_response_start(ctx, backend)
+        for hook in self._start_hooks:
+            hook(ctx, backend)
 
     def on_finish(self, ctx: RequestContext, backend: Backend, outcome: Outcome) -> None:
-        for p in self._plugins():
-            p.on_finish(ctx, backend, outcome)
+        for hook in self._finish_hooks:
+            hook(ctx, backend, outcome)
 
 
 def build_pipeline(name: str, spec: Mapping[str, Any], registry: Registry, services: Services) -> Pipeline:

@@ -2,8 +2,11 @@
 
 * added latency vs calling the simulator backend directly, p50/p99, at 1, 50 and 200 concurrent requests
   (non-streaming completions, ``max_tokens=1``; both routers round-robin over the same single backend);
-* max non-streaming requests/s with the router pinned to one core (``taskset -c 0``; backend and client on the
-  other core — on a 2-core machine the client can be the limit, so compare the routers, not the absolute);
+* max non-streaming requests/s with the router pinned to one core (``taskset -c 0``; backend and load client
+  pinned to the other core — on a 2-core machine the client can be the limit, so compare the routers, not the
+  absolute). The same client drives direct, kvscale and vllm-router, interleaved in ``ROUNDS`` rounds; the ratio
+  is taken per round (side by side) and its median reported. Each router's CPU time per request (user+sys of its
+  process tree over the run / requests) is reported too: it does not depend on what else runs on the machine;
 * 1k concurrent streaming clients through each router: errors and the router's peak RSS;
 * prefix-index memory under 10k distinct prefixes/s (in-process, through the real ``prefix`` policy pipeline)
   for ``KVSCALE_BENCH_PREFIX_SECONDS`` (default 60 s; the issue asks 10 min: set it to 600);
@@ -11,6 +14,7 @@
   fetch+parse histogram.
 
 Knobs: ``KVSCALE_BENCH_ROUTER_REQUESTS`` (requests per concurrency level, default 2000),
+``KVSCALE_BENCH_ROUTER_ROUNDS`` (throughput rounds, default 3), ``KVSCALE_BENCH_ROUTER_SECONDS`` (per round, 5),
 ``KVSCALE_BENCH_ROUTER_STREAMS`` (default 1000), ``KVSCALE_BENCH_PREFIX_SECONDS`` (default 60),
 ``KVSCALE_BENCH_PREFIX_RATE`` (default 10000), ``KVSCALE_BENCH_PREFIX_CAP`` (default 200000).
 """
@@ -18,6 +22,7 @@ Knobs: ``KVSCALE_BENCH_ROUTER_REQUESTS`` (requests per concurrency level, defaul
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import resource
@@ -45,6 +50,8 @@ REPO = Path(__file__).resolve().parents[2]
 VLLM_ROUTER = REPO / ".venv" / "bin" / "vllm-router"
 N_REQ = int(os.environ.get("KVSCALE_BENCH_ROUTER_REQUESTS", "2000"))
 N_STREAMS = int(os.environ.get("KVSCALE_BENCH_ROUTER_STREAMS", "1000"))
+ROUNDS = int(os.environ.get("KVSCALE_BENCH_ROUTER_ROUNDS", "3"))
+ROUND_S = float(os.environ.get("KVSCALE_BENCH_ROUTER_SECONDS", "5"))
 PREFIX_S = float(os.environ.get("KVSCALE_BENCH_PREFIX_SECONDS", "60"))
 PREFIX_RATE = int(os.environ.get("KVSCALE_BENCH_PREFIX_RATE", "10000"))
 PREFIX_CAP = int(os.environ.get("KVSCALE_BENCH_PREFIX_CAP", "200000"))
@@ -52,8 +59,43 @@ MODEL = "sim-model"
 console = Console(width=140)
 
 
+ROUTER_CPU, CLIENT_CPU = 0, 1  # routers on one core; simulator backend and load client on the other
+
+
+def _can_pin() -> bool:
+    return shutil.which("taskset") is not None and (os.cpu_count() or 1) > 1
+
+
 def _pin(cpu: int) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if shutil.which("taskset") and (os.cpu_count() or 1) > 1 else []
+    return ["taskset", "-c", str(cpu)] if _can_pin() else []
+
+
+@contextlib.contextmanager
+def _client_pinned():
+    """Run this (load client) process on CLIENT_CPU, so it never competes with the router for its core."""
+    if not _can_pin() or not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {CLIENT_CPU})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+def _cpu_s(pid: int) -> float:
+    """user+sys CPU seconds of a process and its children."""
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -142,12 +184,15 @@ def _routers(tmp: Path, backend: str) -> dict[str, tuple[ManagedProcess, str]]:
 
 @pytest.mark.timeout(1800)
 def test_router_latency_throughput_streams(tmp_path, record_bench):
-    sim, sim_url = sim_process(tmp_path, base_s=0.0, cpu=1, extra=["--max-num-seqs", "2048"])
+    sim, sim_url = sim_process(tmp_path, base_s=0.0, cpu=CLIENT_CPU if _can_pin() else None,
+                               extra=["--max-num-seqs", "2048"])  # fmt: skip
     sim.start()
     routers: dict[str, tuple[ManagedProcess, str]] = {}
+    pinned = contextlib.ExitStack()
     try:
         sim.wait_http_ready(sim_url + "/health", 60)
         routers = _routers(tmp_path, sim_url)
+        pinned.enter_context(_client_pinned())  # after the routers started: they must not inherit it
         targets = {"direct": sim_url, **{k: u for k, (_, u) in routers.items()}}
         levels = []
         for c in (1, 50, 200):
@@ -155,16 +200,33 @@ def test_router_latency_throughput_streams(tmp_path, record_bench):
             row: dict = {"concurrency": c, "requests": n}
             for name, url in targets.items():
                 asyncio.run(_closed_loop(url, c, n=min(n, 100)))  # warm-up
+                cpu0 = _cpu_s(routers[name][0].pid) if name in routers else 0.0
                 lat, errors, _ = asyncio.run(_closed_loop(url, c, n=n))
                 row[name] = {"p50_ms": _pct(lat, 0.5) * 1e3, "p99_ms": _pct(lat, 0.99) * 1e3, "errors": errors}
+                if name in routers:
+                    row[name]["cpu_us_per_req"] = (_cpu_s(routers[name][0].pid) - cpu0) / max(1, len(lat)) * 1e6
             for name in routers:
                 row[name]["added_p50_ms"] = row[name]["p50_ms"] - row["direct"]["p50_ms"]
                 row[name]["added_p99_ms"] = row[name]["p99_ms"] - row["direct"]["p99_ms"]
             levels.append(row)
-        throughput = {}
-        for name, url in targets.items():
-            lat, errors, elapsed = asyncio.run(_closed_loop(url, 64, seconds=5.0))
-            throughput[name] = {"req_per_s": len(lat) / elapsed, "errors": errors}
+        rounds: list[dict] = []
+        for _ in range(ROUNDS):  # interleaved, so every round compares the targets under the same conditions
+            r = {}
+            for name, url in targets.items():
+                asyncio.run(_closed_loop(url, 64, seconds=0.5))  # warm-up
+                cpu0 = _cpu_s(routers[name][0].pid) if name in routers else 0.0
+                lat, errors, elapsed = asyncio.run(_closed_loop(url, 64, seconds=ROUND_S))
+                r[name] = {"req_per_s": len(lat) / elapsed, "errors": errors}
+                if name in routers:
+                    r[name]["cpu_us_per_req"] = (_cpu_s(routers[name][0].pid) - cpu0) / max(1, len(lat)) * 1e6
+            rounds.append(r)
+        throughput = {name: {"req_per_s": statistics.median(r[name]["req_per_s"] for r in rounds),
+                             "errors": sum(r[name]["errors"] for r in rounds),
+                             "cpu_us_per_req": (statistics.median(r[name]["cpu_us_per_req"] for r in rounds)
+                                                if name in routers else None)}
+                      for name in targets}  # fmt: skip
+        ratios = ([r["kvscale"]["req_per_s"] / r["vllm-router"]["req_per_s"] for r in rounds]
+                  if "vllm-router" in targets else [])  # fmt: skip
         streams = {}
         for name, (proc, url) in routers.items():
             t0 = time.perf_counter()
@@ -173,32 +235,41 @@ def test_router_latency_throughput_streams(tmp_path, record_bench):
                              "seconds": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mb(proc.pid)}  # fmt: skip
         scrape = _scrape_cost(routers["kvscale"][1], sim_url)
     finally:
+        pinned.close()
         for proc, _ in routers.values():
             proc.stop()
         sim.stop()
 
     t = Table(title="Router added latency vs direct (ms, non-streaming, same simulator backend; contended 2-core box)")
-    for col in ("concurrency", "direct p50/p99", *(f"{k} p50/p99 (+added)" for k in routers)):
+    for col in ("concurrency", "direct p50/p99", *(f"{k} p50/p99 (+added) cpu/req" for k in routers)):
         t.add_column(col)
     for row in levels:
         d = row["direct"]
         cells = [f"{row[k]['p50_ms']:.2f}/{row[k]['p99_ms']:.2f} (+{row[k]['added_p50_ms']:.2f}/"
-                 f"+{row[k]['added_p99_ms']:.2f}) err={row[k]['errors']}" for k in routers]  # fmt: skip
+                 f"+{row[k]['added_p99_ms']:.2f}) {row[k]['cpu_us_per_req']:.0f}us err={row[k]['errors']}"
+                 for k in routers]  # fmt: skip
         t.add_row(str(row["concurrency"]), f"{d['p50_ms']:.2f}/{d['p99_ms']:.2f}", *cells)
     console.print(t)
-    t = Table(title="Max non-streaming req/s (router pinned to one core), 1k concurrent streams")
-    for col in ("target", "req/s", "errors", "streams errors", "stream seconds", "peak RSS MiB"):
+    t = Table(title=f"Max non-streaming req/s (router pinned to one core; median of {ROUNDS} interleaved rounds), "
+                    f"{N_STREAMS} concurrent streams")  # fmt: skip
+    for col in ("target", "req/s", "per round", "router CPU us/req", "errors", "streams errors", "stream seconds",
+                "peak RSS MiB"):  # fmt: skip
         t.add_column(col)
     for name, v in throughput.items():
         s = streams.get(name, {})
-        t.add_row(name, f"{v['req_per_s']:.0f}", str(v["errors"]), str(s.get("errors", "-")),
+        cpu = v["cpu_us_per_req"]
+        t.add_row(name, f"{v['req_per_s']:.0f}", " ".join(f"{r[name]['req_per_s']:.0f}" for r in rounds),
+                  "-" if cpu is None else f"{cpu:.0f}", str(v["errors"]), str(s.get("errors", "-")),
                   f"{s['seconds']:.1f}" if s else "-", f"{s['peak_rss_mib']:.0f}" if s else "-")  # fmt: skip
     console.print(t)
+    if ratios:
+        console.print(f"kvscale / vllm-router req/s per round: {' '.join(f'{x:.2f}' for x in ratios)} "
+                      f"(median {statistics.median(ratios):.2f}; goal >= 0.5)")  # fmt: skip
     _print_scrape(scrape)
-    ratio = (throughput["kvscale"]["req_per_s"] / throughput["vllm-router"]["req_per_s"]
-             if "vllm-router" in throughput else None)  # fmt: skip
+    ratio = statistics.median(ratios) if ratios else None
     record_bench("router", {
-        "latency": levels, "throughput": throughput, "throughput_ratio_vs_vllm_router": ratio, "streams": streams,
+        "latency": levels, "throughput": throughput, "throughput_rounds": rounds,
+        "throughput_ratio_vs_vllm_router": ratio, "throughput_ratio_per_round": ratios, "streams": streams,
         "scrape_cost": scrape,
         "goals": {"p99_added": "kvscale p99 <= vllm-router p99 + 1 ms", "throughput": ">= 0.5x vllm-router",
                   "streams": "0 errors"},

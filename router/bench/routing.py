@@ -1,0 +1,394 @@
+"""``kvscale bench routing``: simulator pods (real-time HTTP, KV events) behind each router configuration in turn.
+
+For every configuration the benchmark starts fresh pods (cold caches, fresh counters), starts the router (the
+kvscale router app in its own process, or the ``vllm-router`` binary), replays the same open-loop workload through
+it with a streaming client, reads the pods' prefix-cache counters, and stops everything. Reported per policy:
+TTFT p50/p90/p99, ITL p50/p90, throughput, prefix hit rate (pods' ``vllm:prefix_cache_hits / queries``), errors;
+plus per-workload extras (short-request TTFT for mixed-length, SLO prediction error for ``slo``).
+
+The pods run a latency model slow enough that a few pods saturate at a request rate this machine can drive:
+the built-in ``llama-3.1-8b-h100`` step-time coefficients multiplied by ``--slowdown`` (default 5).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from kvscale.engine_stats import ScrapeError, scrape
+from kvscale.testing.procs import ManagedProcess, ProcessError, free_port
+from router.bench.pods import Pod, start_sim_pod_process
+from router.bench.workloads import MODEL, BenchRequest, Scale, build
+from simulator.latency import DEFAULT_MODEL, StepCoefficients, load_latency_model
+
+KVSCALE_POLICIES = ("round-robin", "least-request", "prefix", "kv-events", "slo", "best")
+VLLM_ROUTER_POLICIES = ("round_robin", "cache_aware", "kv_aware")
+EXTRA_POLICIES = {"mixed-length": ("length-buckets", "best+buckets"), "multi-turn": ("session-affinity",)}
+VLLM_ROUTER_BIN = Path(sys.executable).with_name("vllm-router")
+
+# The combination the benchmark chose (see docs/routing.md): precise prefix + predicted TTFT + load, behind the
+# imbalance guard.
+BEST_SPEC: dict[str, Any] = {
+    "filters": [{"type": "bounded-load", "config": {"factor": 1.5, "slack": 2}}],
+    "scorers": [
+        {"type": "kv-events", "weight": 2.0},
+        {"type": "slo", "weight": 1.0, "config": {"kv_events": {}}},
+        {"type": "least-request", "weight": 1.0},
+    ],
+}
+
+
+@dataclass
+class BenchConfig:
+    backends: int = 4
+    workload: str = "shared-prefix"
+    rate: float = 16.0
+    duration: float = 60.0
+    json_path: str | None = None
+    policies: list[str] | None = None  # None: the workload's default set
+    slowdown: float = 5.0
+    latency_model: str = DEFAULT_MODEL
+    num_gpu_blocks: int = 1000
+    max_num_batched_tokens: int = 2048
+    seed: int = 0
+    ttft_slo_ms: float = 2000.0
+    itl_slo_ms: float = 250.0
+    pd: str | None = None  # "P:D": also run P/D disaggregated with P prefill + D decode pods
+    scale: Scale = field(default_factory=Scale)
+    drain_timeout_s: float = 120.0
+    keep_logs: bool = False
+
+
+@dataclass
+class Sample:
+    ok: bool
+    status: int
+    kind: str
+    ttft_s: float = math.nan
+    itls_s: list[float] = field(default_factory=list)
+    start: float = 0.0
+    end: float = 0.0
+    error: str = ""
+    request_id: str = ""
+
+
+def default_policies(workload: str, pd: str | None) -> list[str]:
+    names = list(KVSCALE_POLICIES) + list(EXTRA_POLICIES.get(workload, ()))
+    names += [f"vllm-router:{p}" for p in VLLM_ROUTER_POLICIES]
+    if pd:
+        names.append(f"pd:{pd}")
+    return names
+
+
+# -- one run ---------------------------------------------------------------------------------------------------------
+def scaled_latency_model(cfg: BenchConfig, out_dir: Path) -> Path:
+    base = load_latency_model(cfg.latency_model)
+    c = base.coefficients
+    k = cfg.slowdown
+    scaled = StepCoefficients(c.base_s * k, c.per_prefill_token_s * k, c.per_prefill_attn_s * k,
+                              c.per_decode_seq_s * k, c.per_decode_ctx_s * k)  # fmt: skip
+    model = base.__class__(
+        name=f"{base.name}-x{k:g}", coefficients=scaled, kv_transfer_base_s=base.kv_transfer_base_s * k,
+        kv_transfer_per_token_s=base.kv_transfer_per_token_s * k, kind=base.kind, hardware=base.hardware,
+        model=base.model, engine=base.engine, notes=f"{base.name} step times x{k:g} (routing benchmark)",
+    )  # fmt: skip
+    path = out_dir / f"{model.name}.json"
+    path.write_text(model.dumps())
+    return path
+
+
+def _policy_file(cfg: BenchConfig, latency_path: Path, out_dir: Path, record_path: Path) -> Path:
+    slo_cfg = {"latency_model": str(latency_path), "max_num_batched_tokens": cfg.max_num_batched_tokens,
+               "kv_events": {}, "record_path": str(record_path)}  # fmt: skip
+    best = json.loads(json.dumps(BEST_SPEC))
+    for s in best["scorers"]:
+        if s["type"] == "slo":
+            s["config"] = {**slo_cfg, "record_path": None}
+    buckets = {"type": "length-bucket", "config": {"threshold_tokens": 1024}}
+    policies = {
+        "slo": {"scorers": [{"type": "slo", "config": slo_cfg}]},
+        "best": best,
+        "best+buckets": {**best, "filters": [buckets, *best["filters"]]},
+    }
+    path = out_dir / "policies.json"
+    path.write_text(json.dumps({"policies": policies}, indent=2))
+    return path
+
+
+def _start_pods(cfg: BenchConfig, latency_path: Path, logs: Path, roles: list[str]) -> list[Pod]:
+    pods = []
+    for i, role in enumerate(roles):
+        pods.append(start_sim_pod_process(
+            latency_path, log_path=logs / f"pod{i}-{role}.log", role=role, num_gpu_blocks=cfg.num_gpu_blocks,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+        ))  # fmt: skip
+    return pods
+
+
+def _backend_spec(pod: Pod, labels: dict[str, str]) -> str:
+    ev = pod.events
+    parts = [pod.url, f"model={MODEL}", f"role={pod.role}", f"kv-events={ev.endpoint}"]
+    if ev.replay_endpoint:
+        parts.append(f"kv-replay={ev.replay_endpoint}")
+    parts += [f"{k}={v}" for k, v in labels.items()]
+    return ",".join(parts)
+
+
+def _start_kvscale_router(policy: str, pods: list[Pod], labels: list[dict[str, str]], policy_file: Path,
+                          logs: Path) -> tuple[ManagedProcess, str]:  # fmt: skip
+    port = free_port()
+    spec = {"port": port, "policy": policy, "policy_config": str(policy_file),
+            "backends": [_backend_spec(p, lab) for p, lab in zip(pods, labels, strict=True)]}  # fmt: skip
+    spec_path = logs / f"router-{policy.replace(':', '_')}.json"
+    spec_path.write_text(json.dumps(spec))
+    proc = ManagedProcess([sys.executable, "-m", "router.bench.router_proc", str(spec_path)],
+                          log_path=logs / f"router-{policy.replace(':', '_')}.log", name="kvscale-router")  # fmt: skip
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http_ready(url + "/ready", timeout=60)
+    return proc, url
+
+
+def _start_vllm_router(policy: str, pods: list[Pod], logs: Path) -> tuple[ManagedProcess, str]:
+    if not VLLM_ROUTER_BIN.exists():
+        raise ProcessError(f"vllm-router binary not found at {VLLM_ROUTER_BIN}")
+    port = free_port()
+    cmd = [str(VLLM_ROUTER_BIN), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+           "--worker-urls", *[p.url for p in pods], "--prometheus-port", str(free_port()),
+           "--worker-startup-check-interval", "1", "--max-concurrent-requests", "100000", "--queue-size", "100000",
+           "--log-level", "warning", "--disable-retries"]  # fmt: skip
+    if policy == "kv_aware":  # fed by the same pods' KV events (and replay sockets)
+        for p in pods:
+            cmd += ["--kv-event-source", f"{p.url}={p.events.endpoint}"]
+            if p.events.replay_endpoint:
+                cmd += ["--kv-event-replay-source", f"{p.url}={p.events.replay_endpoint}"]
+        cmd += ["--kv-event-block-size", "16", "--kv-event-model", MODEL]
+    proc = ManagedProcess(cmd, log_path=logs / f"vllm-router-{policy}.log", name="vllm-router")
+    proc.start()
+    url = f"http://127.0.0.1:{port}"
+    proc.wait_http_ready(url + "/health", timeout=60, interval=0.3)
+    return proc, url
+
+
+async def _one(http: aiohttp.ClientSession, url: str, req: BenchRequest, t0: float, rid: str,
+               slo_headers: dict[str, str]) -> Sample:  # fmt: skip
+    delay = req.at_s - (time.perf_counter() - t0)
+    if delay > 0:
+        await asyncio.sleep(delay)
+    path = "/v1/chat/completions" if req.chat else "/v1/completions"
+    body = {**req.body, "stream": True, "stream_options": {"include_usage": True}}
+    headers = {"x-request-id": rid, **slo_headers, **req.headers}
+    s = Sample(ok=False, status=0, kind=req.kind, request_id=rid)
+    s.start = time.perf_counter()
+    last = None
+    try:
+        async with http.post(url + path, json=body, headers=headers) as resp:
+            s.status = resp.status
+            if resp.status != 200:
+                s.error = (await resp.text())[:300]
+                s.end = time.perf_counter()
+                return s
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    break
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    s.error = str(chunk["error"])[:300]
+                    break
+                if chunk.get("choices"):
+                    now = time.perf_counter()
+                    if last is None:
+                        s.ttft_s = now - s.start
+                    else:
+                        s.itls_s.append(now - last)
+                    last = now
+        s.ok = not s.error and last is not None
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
+        s.error = f"{type(e).__name__}: {e}"
+    s.end = time.perf_counter()
+    return s
+
+
+async def _drive(url: str, requests: list[BenchRequest], cfg: BenchConfig, pods: list[Pod],
+                 run_id: str) -> tuple[list[Sample], float | None]:  # fmt: skip
+    slo = {"x-kvscale-ttft-slo-ms": str(cfg.ttft_slo_ms), "x-kvscale-itl-slo-ms": str(cfg.itl_slo_ms)}
+    timeout = aiohttp.ClientTimeout(total=cfg.duration + cfg.drain_timeout_s)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+        t0 = time.perf_counter()
+        samples = await asyncio.gather(*(_one(http, url, r, t0, f"{run_id}-{i}", slo)
+                                         for i, r in enumerate(requests)))  # fmt: skip
+        hits = queries = 0.0
+        for p in pods:
+            if p.role == "decode":
+                continue  # a decode pod's "hits" are the transferred KV, not its own prefix cache
+            try:
+                st = await scrape(http, p.url + "/metrics")
+            except ScrapeError:
+                continue
+            hits += st.prefix_hits_total
+            queries += st.prefix_queries_total
+    return list(samples), (hits / queries if queries else None)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    v = [x for x in values if not math.isnan(x)]
+    return float(np.percentile(v, q)) if v else None
+
+
+def summarize(samples: list[Sample], hit_rate: float | None) -> dict[str, Any]:
+    ok = [s for s in samples if s.ok]
+    ttft = [s.ttft_s for s in ok]
+    itl = [x for s in ok for x in s.itls_s]
+    span = (max(s.end for s in ok) - min(s.start for s in samples)) if ok else 0.0
+    out: dict[str, Any] = {
+        "ttft_p50_s": _pct(ttft, 50), "ttft_p90_s": _pct(ttft, 90), "ttft_p99_s": _pct(ttft, 99),
+        "itl_p50_s": _pct(itl, 50), "itl_p90_s": _pct(itl, 90),
+        "throughput_rps": len(ok) / span if span > 0 else 0.0,
+        "prefix_hit_rate": hit_rate,
+        "errors": len(samples) - len(ok),
+        "requests": len(samples),
+    }  # fmt: skip
+    kinds = {s.kind for s in samples}
+    if {"short", "long"} & kinds:
+        for k in ("short", "long"):
+            out[f"{k}_ttft_p90_s"] = _pct([s.ttft_s for s in ok if s.kind == k], 90)
+    errors = [s.error for s in samples if not s.ok and s.error]
+    if errors:
+        out["first_error"] = errors[0][:200]
+    return out
+
+
+def _slo_errors(record_path: Path, run_id: str) -> dict[str, Any]:
+    rel: list[float] = []
+    if record_path.exists():
+        for line in record_path.read_text().splitlines():
+            rec = json.loads(line)
+            if str(rec.get("request_id", "")).startswith(run_id + "-") and rec["observed_ttft_s"] > 0:
+                rel.append(abs(rec["observed_ttft_s"] - rec["predicted_ttft_s"]) / rec["observed_ttft_s"])
+    return {"slo_ttft_rel_error_p50": _pct(rel, 50), "slo_ttft_rel_error_p90": _pct(rel, 90),
+            "slo_predictions": len(rel)}  # fmt: skip
+
+
+def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Path, latency_path: Path,
+            policy_file: Path, record_path: Path) -> dict[str, Any]:  # fmt: skip
+    """Run one router configuration on fresh pods; returns its summary (or {"skipped": reason})."""
+    logs = work / name.replace(":", "_").replace("+", "_")
+    logs.mkdir(parents=True, exist_ok=True)
+    n = cfg.backends
+    if name.startswith("pd:"):
+        p, d = (int(x) for x in name[3:].split(":"))
+        roles = ["prefill"] * p + ["decode"] * d
+    else:
+        roles = ["both"] * n
+    labels = [{} for _ in roles]
+    if cfg.workload == "mixed-length":
+        for lab in labels[: max(1, n // 4)]:
+            lab["group"] = "long"
+    pods = _start_pods(cfg, latency_path, logs, roles)
+    router: ManagedProcess | None = None
+    try:
+        for pod in pods:
+            assert pod.process is not None
+            pod.process.wait_http_ready(pod.url + "/health", timeout=60, interval=0.2)
+        if name.startswith("vllm-router:"):
+            router, url = _start_vllm_router(name.split(":", 1)[1], pods, logs)
+        else:
+            policy = "kv-events" if name.startswith("pd:") else name
+            router, url = _start_kvscale_router(policy, pods, labels, policy_file, logs)
+        time.sleep(0.5)  # subscribers connect, first scrapes land
+        run_id = name.replace(":", "_")
+        samples, hit = asyncio.run(_drive(url, requests, cfg, pods, run_id))
+        out = summarize(samples, hit)
+        if name in ("slo", "best", "best+buckets"):
+            out.update(_slo_errors(record_path, run_id))
+        return out
+    except ProcessError as e:
+        return {"skipped": str(e).splitlines()[0][:300]}
+    finally:
+        if router is not None:
+            router.stop(timeout=5)
+        for pod in pods:
+            if pod.process is not None:
+                pod.process.stop(timeout=5)
+
+
+def run(cfg: BenchConfig) -> dict[str, Any]:
+    requests = build(cfg.workload, backends=cfg.backends, rate=cfg.rate, duration=cfg.duration, seed=cfg.seed,
+                     scale=cfg.scale)  # fmt: skip
+    names = cfg.policies or default_policies(cfg.workload, cfg.pd)
+    work = Path(tempfile.mkdtemp(prefix="kvscale-bench-routing-"))
+    try:
+        latency_path = scaled_latency_model(cfg, work)
+        record_path = work / "slo-records.jsonl"
+        policy_file = _policy_file(cfg, latency_path, work, record_path)
+        results: dict[str, Any] = {}
+        for name in names:
+            t = time.perf_counter()
+            results[name] = run_one(name, cfg, requests, work, latency_path, policy_file, record_path)
+            results[name]["wall_s"] = round(time.perf_counter() - t, 1)
+            print(f"  {name}: {_brief(results[name])}", file=sys.stderr, flush=True)
+        return {
+            "policies": results,
+            "workload": cfg.workload,
+            "rate": cfg.rate,
+            "backends": cfg.backends,
+            "duration_s": cfg.duration,
+            "requests": len(requests),
+            "latency_model": f"{cfg.latency_model} x{cfg.slowdown:g}",
+            "num_gpu_blocks": cfg.num_gpu_blocks,
+            "cpu_count": os.cpu_count(),
+        }
+    finally:
+        if cfg.keep_logs:
+            print(f"logs kept in {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _brief(r: dict[str, Any]) -> str:
+    if "skipped" in r:
+        return f"skipped ({r['skipped']})"
+    f = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    return (f"ttft p50 {f(r['ttft_p50_s'])} p90 {f(r['ttft_p90_s'])} s, hit {f(r['prefix_hit_rate'])}, "
+            f"errors {r['errors']}")  # fmt: skip
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    cols = ["ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "itl_p50_s", "itl_p90_s", "throughput_rps", "prefix_hit_rate",
+            "errors"]  # fmt: skip
+    extra = sorted({k for r in result["policies"].values() for k in r
+                    if k.startswith(("short_", "long_", "slo_ttft"))})  # fmt: skip
+    table = Table(title=f"kvscale bench routing: {result['workload']}, {result['backends']} pods, "
+                        f"{result['rate']} req/s for {result['duration_s']} s ({result['latency_model']})")  # fmt: skip
+    table.add_column("policy")
+    for c in cols + extra:
+        table.add_column(c.replace("_s", "").replace("_", " "), justify="right")
+    for name, r in result["policies"].items():
+        if "skipped" in r:
+            table.add_row(name, *["-"] * (len(cols) + len(extra)), style="dim")
+            continue
+        cells = []
+        for c in cols + extra:
+            v = r.get(c)
+            cells.append("-" if v is None else (str(v) if isinstance(v, int) else f"{v:.3f}"))
+        table.add_row(name, *cells)
+    Console(width=200).print(table)
