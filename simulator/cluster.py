@@ -211,6 +211,9 @@ class Cluster:
         self.itl = LogHistogram()
         self._backlog: dict[str, list[_Tracked]] = {p: [] for p in POOLS}
         self._now = 0.0
+        # Called as fn(replica, request) when a request (or a P/D prefill leg) finishes on a replica, e.g. to keep
+        # per-replica request counters and latency histograms like a real engine's /metrics.
+        self.finish_listeners: list[Callable[[Replica, Request], None]] = []
         for pool, n in initial.items():
             for _ in range(n):
                 self._start_replica(pool, 0.0, ready_now=True)
@@ -284,6 +287,8 @@ class Cluster:
             else:  # every sequence decodes in every step of a fast-forwarded run
                 self.itl.add_many(out.step_durations(), out.itl_tokens / out.num_steps)
         for req in out.finished:
+            for listener in self.finish_listeners:
+                listener(r, req)
             tr = req.user
             rec = tr.record
             if r.pool == "prefill":

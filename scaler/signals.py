@@ -1,0 +1,304 @@
+"""Signals behind a scaling decision: one :class:`PoolSignals` per pool per signal interval.
+
+Where they come from (the "metrics adapter"):
+
+* :class:`PodHistory` turns per-pod :class:`~kvscale.engine_stats.EngineStats` snapshots into pool signals with
+  :func:`~kvscale.engine_stats.window`: rates over the last interval, latency percentiles and mean ISL/OSL over the
+  longer latency window, gauges as of the last read. Both the live pod scraper (:class:`PodScrapeSource`) and the
+  virtual-clock evaluator (``scaler.evaluate.VirtualSource``) feed it, so the policy sees the same quantities
+  computed the same way in production and in the evaluation.
+* :class:`PrometheusSource` asks a real Prometheus for the same quantities (``rate()`` of the counters, summed
+  histogram buckets, sums of gauges) and returns the same shape.
+
+A failed or stale read raises :class:`SignalError` (never zeros: Dynamo #14765 scaled a pool down because a
+failed read looked idle). :class:`SignalPending` (a subclass) means "not enough history yet" and is not counted as
+an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import aiohttp
+
+from kvscale.engine_stats import EngineStats, EngineWindow, HistogramSnapshot, ScrapeError, scrape, window
+from scaler.discovery import PodDiscovery
+from scaler.metadata import ScalerSettings
+
+
+class SignalError(RuntimeError):
+    """The pool's signals could not be read (or are stale): hold, never read as idle."""
+
+
+class SignalPending(SignalError):
+    """Not enough history for a rate yet (first read after start or after a pod set change)."""
+
+
+@dataclass(frozen=True)
+class PoolSignals:
+    """A pool's state over the last signal interval (rates are pool totals)."""
+
+    at: float
+    replicas: int  # pods whose metrics were read
+    arrival_rate: float  # req/s entering the pool's engines (finished + growth of running + waiting)
+    finish_rate: float
+    prompt_tokens_per_s: float
+    generation_tokens_per_s: float
+    mean_isl: float | None  # over the latency window (finished requests)
+    mean_osl: float | None
+    prefix_hit_rate: float | None
+    running: float
+    waiting: float
+    kv_usage: float  # mean over pods, 0..1
+    kv_usage_max: float
+    ttft: HistogramSnapshot = field(default_factory=HistogramSnapshot)  # over the latency window
+    itl: HistogramSnapshot = field(default_factory=HistogramSnapshot)
+    window_s: float = 0.0
+    missing: int = 0  # discovered pods that did not answer (their share was extrapolated)
+
+    def ttft_quantile(self, percentile: float) -> float | None:
+        return self.ttft.quantile(percentile / 100.0)
+
+    def itl_quantile(self, percentile: float) -> float | None:
+        return self.itl.quantile(percentile / 100.0)
+
+    @property
+    def idle(self) -> bool:
+        return self.arrival_rate <= 0.0 and self.running <= 0.0 and self.waiting <= 0.0
+
+
+class SignalSource(Protocol):
+    """What the scaler's background loop reads every signal interval."""
+
+    async def read(self) -> PoolSignals: ...
+
+    async def close(self) -> None: ...
+
+
+def _sum_hist(hs: list[HistogramSnapshot]) -> HistogramSnapshot:
+    out = HistogramSnapshot()
+    for h in hs:
+        out = out + h
+    return out
+
+
+def _weighted_mean(pairs: list[tuple[float | None, float]]) -> float | None:
+    num = sum(v * w for v, w in pairs if v is not None and w > 0)
+    den = sum(w for v, w in pairs if v is not None and w > 0)
+    return num / den if den > 0 else None
+
+
+class PodHistory:
+    """Per-pod snapshot history → :class:`PoolSignals`.
+
+    ``update`` takes the latest read of every discovered pod (an ``EngineStats`` or the ``ScrapeError`` it
+    raised). Pods that failed are extrapolated from the others (traffic is load-balanced) as long as at least
+    ``min_answer_fraction`` of the pods answered; otherwise the whole read is a :class:`SignalError`.
+    """
+
+    def __init__(self, latency_window_s: float, min_answer_fraction: float = 0.5) -> None:
+        self.latency_window_s = latency_window_s
+        self.min_answer_fraction = min_answer_fraction
+        self._hist: dict[Hashable, deque[EngineStats]] = {}
+
+    def update(self, reads: Mapping[Hashable, EngineStats | Exception], now: float) -> PoolSignals:
+        for gone in set(self._hist) - set(reads):
+            del self._hist[gone]
+        if not reads:
+            raise SignalError("no pods discovered for this pool")
+        ok = {k: v for k, v in reads.items() if isinstance(v, EngineStats)}
+        failed = {k: v for k, v in reads.items() if not isinstance(v, EngineStats)}
+        if len(ok) < max(1, math.ceil(self.min_answer_fraction * len(reads))):
+            first = next(iter(failed.values()), None)
+            raise SignalError(f"only {len(ok)} of {len(reads)} pods answered; e.g. {first}")
+        shorts: list[EngineWindow] = []
+        longs: list[EngineWindow] = []
+        for key, stats in ok.items():
+            h = self._hist.setdefault(key, deque())
+            if h and stats.at <= h[-1].at:
+                raise SignalError(f"pod {key}: snapshot is not newer than the previous one")
+            h.append(stats)
+            # keep one snapshot at or before the window start, so the long window spans it fully
+            while len(h) > 2 and h[1].at <= stats.at - self.latency_window_s:
+                h.popleft()
+            if len(h) >= 2:
+                shorts.append(window(h[-2], h[-1]))
+                longs.append(window(h[0], h[-1]))
+        if not shorts:
+            raise SignalPending("first read of these pods: rates need a second read")
+        # Rates of the pods with a window stand for every discovered pod (new and failed pods included).
+        scale = len(reads) / len(shorts)
+        gauge_scale = len(reads) / len(ok)
+        return PoolSignals(
+            at=now,
+            replicas=len(ok),
+            arrival_rate=sum(w.arrival_rate for w in shorts) * scale,
+            finish_rate=sum(w.finish_rate for w in shorts) * scale,
+            prompt_tokens_per_s=sum(w.prompt_tokens_per_s for w in shorts) * scale,
+            generation_tokens_per_s=sum(w.generation_tokens_per_s for w in shorts) * scale,
+            mean_isl=_weighted_mean([(w.mean_isl, w.finish_rate * w.seconds) for w in longs]),
+            mean_osl=_weighted_mean([(w.mean_osl, w.finish_rate * w.seconds) for w in longs]),
+            prefix_hit_rate=_weighted_mean([(w.prefix_hit_rate, w.prompt_tokens_per_s + 1e-9) for w in longs]),
+            running=sum(s.running for s in ok.values()) * gauge_scale,
+            waiting=sum(s.waiting for s in ok.values()) * gauge_scale,
+            kv_usage=sum(s.kv_usage for s in ok.values()) / len(ok),
+            kv_usage_max=max(s.kv_usage for s in ok.values()),
+            ttft=_sum_hist([w.ttft for w in longs]),
+            itl=_sum_hist([w.itl for w in longs]),
+            window_s=max(w.seconds for w in shorts),
+            missing=len(failed),
+        )
+
+
+class PodScrapeSource:
+    """Pods mode: discover the pool's pods, scrape each one's /metrics concurrently, feed :class:`PodHistory`."""
+
+    def __init__(
+        self,
+        discovery: PodDiscovery,
+        session: aiohttp.ClientSession,
+        settings: ScalerSettings,
+        *,
+        timeout_s: float | None = None,
+        clock: Callable[[], float],
+    ) -> None:
+        self.discovery = discovery
+        self.session = session
+        self.timeout_s = timeout_s if timeout_s is not None else min(2.0, settings.signal_interval_s * 0.8)
+        self.history = PodHistory(settings.latency_window_s)
+        self.clock = clock
+
+    async def _one(self, url: str) -> EngineStats | Exception:
+        try:
+            return await scrape(self.session, url, timeout_s=self.timeout_s)
+        except ScrapeError as e:
+            return e
+
+    async def read(self) -> PoolSignals:
+        urls = self.discovery.urls()
+        if urls is None:
+            raise SignalError(f"pod discovery has no result yet: {self.discovery.last_error or 'starting'}")
+        results = await asyncio.gather(*(self._one(u) for u in urls))
+        return self.history.update(dict(zip(urls, results, strict=True)), self.clock())
+
+    async def close(self) -> None:
+        self.discovery.close()
+
+
+class PrometheusSource:
+    """Prometheus mode: the same quantities from PromQL over ``latencyWindowSeconds``.
+
+    Rates use ``rate()`` of vLLM's counters; latency percentiles use the summed bucket increases, turned into a
+    :class:`HistogramSnapshot` so the quantile is computed exactly as in pods mode. Any failed query, or no
+    ``vllm:num_requests_running`` series (every target down: Prometheus marks its series stale), is a
+    :class:`SignalError`.
+    """
+
+    def __init__(self, settings: ScalerSettings, *, clock: Callable[[], float], timeout_s: float = 3.0) -> None:
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
+        self.settings = settings
+        self.clock = clock
+        self.timeout_s = timeout_s
+        # one quick retry: a down Prometheus must fail this read fast, not after seconds of backoff
+        self.prom = PrometheusConnect(
+            url=settings.prometheus_url, retry=Retry(total=1, backoff_factor=0.05), timeout=timeout_s
+        )
+        matchers = [f'model_name="{_escape(settings.model)}"']
+        if settings.prometheus_selector:
+            matchers.append(settings.prometheus_selector)
+        self.selector = "{" + ",".join(matchers) + "}"
+        self.window = f"{max(2, round(settings.latency_window_s))}s"
+
+    def queries(self) -> dict[str, str]:
+        s, w = self.selector, self.window
+
+        def rate(name: str) -> str:
+            return f"sum(rate({name}{s}[{w}]))"
+
+        return {
+            "replicas": f"count(vllm:num_requests_running{s})",
+            "running": f"sum(vllm:num_requests_running{s})",
+            "waiting": f"sum(vllm:num_requests_waiting{s})",
+            "kv_usage": f"avg(vllm:kv_cache_usage_perc{s})",
+            "kv_usage_max": f"max(vllm:kv_cache_usage_perc{s})",
+            "finish_rate": rate("vllm:request_success_total"),
+            "in_system_deriv": f"sum(deriv(vllm:num_requests_running{s}[{w}]))"
+            f" + sum(deriv(vllm:num_requests_waiting{s}[{w}]))",
+            "prompt_tokens_per_s": rate("vllm:prompt_tokens_total"),
+            "generation_tokens_per_s": rate("vllm:generation_tokens_total"),
+            "isl_sum": rate("vllm:request_prompt_tokens_sum"),
+            "isl_count": rate("vllm:request_prompt_tokens_count"),
+            "osl_sum": rate("vllm:request_generation_tokens_sum"),
+            "prefix_hits": rate("vllm:prefix_cache_hits_total"),
+            "prefix_queries": rate("vllm:prefix_cache_queries_total"),
+            "ttft_buckets": f"sum by (le) (increase(vllm:time_to_first_token_seconds_bucket{s}[{w}]))",
+            "itl_buckets": f"sum by (le) (increase(vllm:inter_token_latency_seconds_bucket{s}[{w}]))",
+        }
+
+    def _query_all(self) -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for key, q in self.queries().items():
+            try:
+                params = {"timeout": f"{round(self.timeout_s * 1000)}ms"}  # Prometheus durations: no "3.0s"
+                out[key] = self.prom.custom_query(q, params=params, timeout=self.timeout_s)
+            except Exception as e:  # the client raises requests/ValueError/PrometheusApiClientException
+                raise SignalError(f"prometheus {self.settings.prometheus_url}: query {key} failed: {e}") from e
+        return out
+
+    async def read(self) -> PoolSignals:
+        res = await asyncio.to_thread(self._query_all)
+        at = self.clock()
+
+        def scalar(key: str, required: bool = True) -> float | None:
+            vec = res.get(key) or []
+            if not vec:
+                if required:
+                    raise SignalError(f"prometheus: no series for {key} ({self.queries()[key]}): targets down?")
+                return None
+            v = float(vec[0]["value"][1])
+            return v if math.isfinite(v) else None
+
+        def hist(key: str) -> HistogramSnapshot:
+            per_le = sorted((float(x["metric"]["le"]), float(x["value"][1])) for x in res.get(key) or [])
+            if not per_le:
+                return HistogramSnapshot()
+            return HistogramSnapshot(tuple(per_le), 0.0, per_le[-1][1])
+
+        replicas = int(scalar("replicas") or 0)
+        if replicas <= 0:
+            raise SignalError("prometheus: no engine series for this pool")
+        finish = scalar("finish_rate") or 0.0
+        isl_count = scalar("isl_count", False) or 0.0
+        queries = scalar("prefix_queries", False) or 0.0
+        return PoolSignals(
+            at=at,
+            replicas=replicas,
+            arrival_rate=max(0.0, finish + (scalar("in_system_deriv", False) or 0.0)),
+            finish_rate=finish,
+            prompt_tokens_per_s=scalar("prompt_tokens_per_s") or 0.0,
+            generation_tokens_per_s=scalar("generation_tokens_per_s") or 0.0,
+            mean_isl=(scalar("isl_sum", False) or 0.0) / isl_count if isl_count > 0 else None,
+            mean_osl=(scalar("osl_sum", False) or 0.0) / isl_count if isl_count > 0 else None,
+            prefix_hit_rate=(scalar("prefix_hits", False) or 0.0) / queries if queries > 0 else None,
+            running=scalar("running") or 0.0,
+            waiting=scalar("waiting") or 0.0,
+            kv_usage=scalar("kv_usage") or 0.0,
+            kv_usage_max=scalar("kv_usage_max") or 0.0,
+            ttft=hist("ttft_buckets"),
+            itl=hist("itl_buckets"),
+            window_s=self.settings.latency_window_s,
+        )
+
+    async def close(self) -> None:
+        self.prom.close()
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')

@@ -1,0 +1,129 @@
+"""Pod discovery through the real ``kubernetes`` client (list + watch + periodic relist).
+
+No Kubernetes API server can run here, so the client talks to a minimal fake one (aiohttp, below): it serves
+``GET /api/v1/namespaces/{ns}/pods`` as a list (with a resourceVersion) and, with ``watch=true``, as a stream of
+JSON watch events, filtering on equality label selectors. Only what discovery uses is implemented.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+from kubernetes import client
+
+from kvscale.testing.procs import free_port
+from scaler.discovery import KubernetesPods
+
+
+class FakeApiServer:
+    def __init__(self) -> None:
+        self.pods: dict[str, dict[str, Any]] = {}
+        self.rv = 1
+        self.watchers: list[asyncio.Queue] = []
+        self.lists = 0
+
+    def pod(self, name: str, ip: str, labels: dict[str, str], ready: bool = True, ns: str = "llm") -> dict:
+        return {
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": ns, "labels": labels, "resourceVersion": str(self.rv)},
+            "status": {"phase": "Running", "podIP": ip,
+                       "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+        }  # fmt: skip
+
+    def put(self, pod: dict, notify: bool = True) -> None:
+        kind = "MODIFIED" if pod["metadata"]["name"] in self.pods else "ADDED"
+        self.rv += 1
+        pod["metadata"]["resourceVersion"] = str(self.rv)
+        self.pods[pod["metadata"]["name"]] = pod
+        if notify:
+            for q in self.watchers:
+                q.put_nowait({"type": kind, "object": pod})
+
+    def delete(self, name: str) -> None:
+        self.rv += 1
+        pod = self.pods.pop(name)
+        for q in self.watchers:
+            q.put_nowait({"type": "DELETED", "object": pod})
+
+    @staticmethod
+    def matches(pod: dict, ns: str, selector: str) -> bool:
+        if pod["metadata"]["namespace"] != ns:
+            return False
+        labels = pod["metadata"].get("labels", {})
+        return all(labels.get(k) == v for k, v in (r.split("=", 1) for r in selector.split(",") if r))
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        ns, sel = request.match_info["ns"], request.query.get("labelSelector", "")
+        if request.query.get("watch") not in ("true", "1", "True"):
+            self.lists += 1
+            items = [p for p in self.pods.values() if self.matches(p, ns, sel)]
+            return web.json_response({"apiVersion": "v1", "kind": "PodList",
+                                      "metadata": {"resourceVersion": str(self.rv)}, "items": items})  # fmt: skip
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        q: asyncio.Queue = asyncio.Queue()
+        self.watchers.append(q)
+        try:
+            deadline = asyncio.get_running_loop().time() + float(request.query.get("timeoutSeconds", "30"))
+            while (left := deadline - asyncio.get_running_loop().time()) > 0:
+                try:
+                    ev = await asyncio.wait_for(q.get(), left)
+                except TimeoutError:
+                    break
+                if self.matches(ev["object"], ns, sel):
+                    await resp.write((json.dumps(ev) + "\n").encode())
+        finally:
+            self.watchers.remove(q)
+        return resp
+
+
+async def wait_for(cond, timeout: float = 8.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        assert loop.time() < end, "condition not reached"
+        await asyncio.sleep(0.05)
+
+
+async def test_list_watch_relist_and_api_outage():
+    api = FakeApiServer()
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    sel = {"app": "vllm", "role": "decode"}
+    api.put(api.pod("d-0", "10.0.0.1", sel))
+    api.put(api.pod("d-1", "10.0.0.2", sel))
+    api.put(api.pod("d-2", "10.0.0.3", sel, ready=False))  # not ready: not a target
+    api.put(api.pod("p-0", "10.0.1.1", {"app": "vllm", "role": "prefill"}))  # other pool
+    api.put(api.pod("d-x", "10.0.2.1", sel, ns="other"))  # other namespace
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    disc = KubernetesPods("llm", "app=vllm,role=decode", 8000, api_client=client.ApiClient(cfg), relist_s=2,
+                          retry_s=0.2)  # fmt: skip
+    try:
+        await wait_for(lambda: disc.urls() is not None)
+        assert disc.urls() == ["http://10.0.0.1:8000/metrics", "http://10.0.0.2:8000/metrics"]
+        # watch events: a pod becomes ready, one is added, one deleted
+        api.put(api.pod("d-2", "10.0.0.3", sel, ready=True))
+        api.put(api.pod("d-3", "10.0.0.4", sel))
+        api.delete("d-0")
+        await wait_for(lambda: disc.urls() == [f"http://10.0.0.{i}:8000/metrics" for i in (2, 3, 4)])
+        assert disc.events >= 3
+        # an event the watch never delivers is repaired by the periodic relist
+        api.put(api.pod("d-1", "10.0.0.2", sel, ready=False), notify=False)
+        await wait_for(lambda: disc.urls() == [f"http://10.0.0.{i}:8000/metrics" for i in (3, 4)])
+        assert disc.lists >= 2
+        # API server down: the last known pods are kept and the error is reported
+        await runner.cleanup()
+        await wait_for(lambda: disc.last_error is not None, timeout=10)
+        assert disc.urls() == [f"http://10.0.0.{i}:8000/metrics" for i in (3, 4)]
+    finally:
+        disc.close()
+        await runner.cleanup()
