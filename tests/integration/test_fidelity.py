@@ -213,7 +213,9 @@ async def test_sse_chunks_and_usage_have_the_same_shape(vllm_server: VllmServer,
     body |= {"messages": [{"role": "user", "content": "hi there"}]} if chat else {"prompt": "hello world"}
     real = await _sse(vllm_server.url, path, body)
     ours = await _sse(sim[0], path, body)
-    assert len(ours) == len(real), (len(ours), len(real))
+    # One chunk per token, as vLLM sends them; a busy vLLM output processor may merge tokens into fewer chunks
+    # (seen on a loaded 2-core machine), never more.
+    assert len(ours) == 6 + chat and 3 <= len(real) <= len(ours), (len(ours), len(real))  # chat: + role chunk
     assert _keys(ours[0]) == _keys(real[0]), "first chunk"
     assert _keys(ours[1]) == _keys(real[1]), "content chunk"
     assert _keys(ours[-2]) == _keys(real[-2]), "last content chunk"

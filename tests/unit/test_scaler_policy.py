@@ -94,12 +94,12 @@ def test_kv_pressure_adds_capacity():
 def test_sustained_queue_beyond_spare_capacity_adds_replicas():
     p = ScalingPolicy(settings(), MODEL)
     base = run(p, [20.0] * 5, replicas=2)[-1]
-    q = run(ScalingPolicy(settings(), MODEL), [20.0] * 5, replicas=2, waiting=200.0)[-1]
+    q = run(ScalingPolicy(settings(), MODEL), [20.0] * 5, replicas=2, waiting=2000.0)[-1]
     assert q.need > base.need and q.reason in ("queue", "panic")  # a big backlog also triggers panic
     # a queue present at only one read is not sustained
     p2 = ScalingPolicy(settings(), MODEL)
     run(p2, [20.0] * 4, replicas=2)
-    blip = p2.decide(20.0, sig(20.0, 20.0, replicas=2, waiting=200.0))
+    blip = p2.decide(20.0, sig(20.0, 20.0, replicas=2, waiting=2000.0))
     assert blip.need == pytest.approx(p2.decide(25.0, sig(25.0, 20.0, replicas=2)).need, rel=0.2)
 
 
