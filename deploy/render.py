@@ -38,6 +38,8 @@ from typing import Any
 
 import yaml
 
+from kvscale.labels import label_key_ok, label_value_ok, matches, parse_selector
+
 DEPLOY_DIR = Path(__file__).resolve().parent
 SCHEMA_DIR = DEPLOY_DIR / "schemas"
 # Kubernetes versions the manifests must be valid for: the oldest we support (sleep preStop hooks are on by
@@ -164,55 +166,6 @@ def flag(args: list[str], name: str) -> str | None:
     return value
 
 
-# Kubernetes label syntax (apimachinery validation): optional DNS-subdomain prefix, 63-char name and value.
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)$")
-_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-
-
-def label_key_ok(key: str) -> bool:
-    prefix, _, name = key.rpartition("/")
-    if prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
-        return False
-    return bool(_LABEL_NAME.match(name))
-
-
-def label_value_ok(value: str) -> bool:
-    return value == "" or bool(_LABEL_NAME.match(value))
-
-
-def parse_selector(text: str) -> list[tuple[str, str, set[str]]]:
-    """Parse a Kubernetes label selector string into (key, op, values); op in =, !=, in, notin, exists, !exists."""
-    reqs: list[tuple[str, str, set[str]]] = []
-    parts, depth, cur = [], 0, ""
-    for ch in text:
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    for raw in parts:
-        part = raw.strip()
-        if not part:
-            raise ValueError(f"empty requirement in selector {text!r}")
-        if m := re.fullmatch(r"(\S+)\s+(in|notin)\s+\(([^)]*)\)", part):
-            reqs.append((m[1], m[2], {v.strip() for v in m[3].split(",") if v.strip()}))
-        elif m := re.fullmatch(r"([^=!\s]+)\s*(==|=|!=)\s*(\S*)", part):
-            reqs.append((m[1], "!=" if m[2] == "!=" else "=", {m[3]}))
-        elif m := re.fullmatch(r"!\s*(\S+)", part):
-            reqs.append((m[1], "!exists", set()))
-        elif re.fullmatch(r"\S+", part):
-            reqs.append((part, "exists", set()))
-        else:
-            raise ValueError(f"cannot parse requirement {part!r} in selector {text!r}")
-        key = reqs[-1][0]
-        if not label_key_ok(key):
-            raise ValueError(f"invalid label key {key!r} in selector {text!r}")
-    return reqs
-
-
 def selector_from_object(sel: Doc) -> list[tuple[str, str, set[str]]]:
     """A LabelSelector object (matchLabels + matchExpressions) as requirements."""
     reqs = [(k, "=", {v}) for k, v in (sel.get("matchLabels") or {}).items()]
@@ -220,22 +173,6 @@ def selector_from_object(sel: Doc) -> list[tuple[str, str, set[str]]]:
     for e in sel.get("matchExpressions") or []:
         reqs.append((e["key"], ops[e["operator"]], set(e.get("values") or [])))
     return reqs
-
-
-def matches(reqs: list[tuple[str, str, set[str]]], labels: dict[str, str]) -> bool:
-    for key, op, values in reqs:
-        present, value = key in labels, labels.get(key)
-        ok = {
-            "=": present and value in values,
-            "in": present and value in values,
-            "!=": not present or value not in values,
-            "notin": not present or value not in values,
-            "exists": present,
-            "!exists": not present,
-        }[op]
-        if not ok:
-            return False
-    return True
 
 
 def selected_workloads(docs: list[Doc], reqs: list[tuple[str, str, set[str]]], namespace: str | None) -> list[Doc]:

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvscale.labels import matches, parse_selector
+
 log = logging.getLogger("kvscale.demo")
 
 
@@ -61,22 +63,8 @@ def read_pods(path: Path) -> list[PodRecord] | None:
 
 
 def selector_matches(selector: str, labels: dict[str, str]) -> bool:
-    """Equality-based label selector (``a=b,c==d,e!=f``) against ``labels``; the demo uses only these forms."""
-    for req in (r.strip() for r in selector.split(",") if r.strip()):
-        if "!=" in req:
-            k, v = (x.strip() for x in req.split("!=", 1))
-            if labels.get(k) == v:
-                return False
-        elif "=" in req:
-            k, v = (x.strip() for x in req.replace("==", "=").split("=", 1))
-            if labels.get(k) != v:
-                return False
-        elif req.startswith("!"):
-            if req[1:] in labels:
-                return False
-        elif req not in labels:
-            return False
-    return True
+    """``selector`` (a Kubernetes label selector string; empty selects everything) against ``labels``."""
+    return not selector.strip() or matches(parse_selector(selector), labels)
 
 
 class _CachedFile:

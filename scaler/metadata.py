@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
+from kvscale.labels import split_selector
+
 POOLS = ("prefill", "decode", "aggregated")
 SOURCES = ("pods", "prometheus")
 
@@ -185,7 +187,7 @@ def parse_scaler_metadata(metadata: dict[str, str], namespace: str = "default") 
     pod_urls = tuple(u.strip() for u in md.get("podUrls", "").split(",") if u.strip())
     for u in pod_urls:
         _url("podUrls", u)
-    if selector and any(not _SELECTOR_REQ.match(part) for part in _split_selector(selector)):
+    if selector and any(not _SELECTOR_REQ.match(part) for part in split_selector(selector)):
         raise MetadataError("podSelector", f"not a Kubernetes label selector: {selector!r}")
     if source == "pods" and not selector and not pod_urls:
         raise MetadataError("podSelector", "required in pods mode (or give podUrls)")
@@ -246,21 +248,6 @@ def parse_scaler_metadata(metadata: dict[str, str], namespace: str = "default") 
         target_utilization=_number(md, "targetUtilization", lo=0, hi=1, lo_open=True),
         raw=tuple(sorted(md.items())),
     )
-
-
-def _split_selector(selector: str) -> list[str]:
-    """Split a label selector on the commas that are not inside ``in (...)`` sets."""
-    parts, depth, cur = [], 0, ""
-    for ch in selector:
-        depth += ch == "("
-        depth -= ch == ")"
-        if ch == "," and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    parts.append(cur)
-    return parts
 
 
 def _split_matchers(text: str) -> list[str]:
