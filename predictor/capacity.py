@@ -144,9 +144,7 @@ def prefill_capacity_tokens_per_s(
 
 
 def _kv_token_capacity(model: LatencyModel) -> int:
-    kv = model.extra.get("kv_cache")
-    block = int(kv.get("block_size", 16)) if isinstance(kv, dict) else 16
-    return model.num_gpu_blocks() * block
+    return model.num_gpu_blocks() * model.block_size()
 
 
 def decode_capacity(model: LatencyModel, slo: SLO, mean_context: float, max_num_seqs: int = 256) -> DecodeCapacity:
@@ -261,11 +259,9 @@ class CapacityResult:
 
 
 def _engine_config(model: LatencyModel, max_num_seqs: int, max_model_len: int = 8192) -> EngineConfig:
-    kv = model.extra.get("kv_cache")
-    block = int(kv.get("block_size", 16)) if isinstance(kv, dict) else 16
     return EngineConfig(
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len),
-        block_size=block,
+        block_size=model.block_size(),
         num_gpu_blocks=model.num_gpu_blocks(),
         materialize_outputs=False,
     )

@@ -9,24 +9,23 @@ import sys
 from pathlib import Path
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from e
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+def _positive_list(convert, noun: str):
+    """An argparse type for comma-separated positive values (``convert``: int or float)."""
+
+    def parse(text: str) -> tuple:
+        try:
+            values = tuple(convert(x) for x in text.split(",") if x.strip())
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {noun}, got {text!r}") from e
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"expected positive {noun}, got {text!r}")
+        return values
+
+    return parse
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from e
-    if not values or any(v <= 0 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers, got {text!r}")
-    return values
+_ints = _positive_list(int, "integers")
+_floats = _positive_list(float, "numbers")
 
 
 def _range(text: str) -> tuple[int, int]:

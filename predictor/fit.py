@@ -171,9 +171,14 @@ def _fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return reg.coef_ / scale
 
 
-def _errors(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    ape = np.abs(pred - y) / np.maximum(y, 1e-9)
-    return {"mape": float(ape.mean()), "p90_ape": float(np.percentile(ape, 90)), "n": int(y.size)}
+def _errors(obs: Observations, pred: np.ndarray) -> dict[str, dict[str, float]]:
+    """MAPE, p90 absolute percentage error and count, for the TTFT (prefill) and ITL (decode) rows."""
+    out = {}
+    for kind, name in (("prefill", "ttft"), ("decode", "itl")):
+        m = obs.kind == kind
+        ape = np.abs(pred[m] - obs.y[m]) / np.maximum(obs.y[m], 1e-9)
+        out[name] = {"mape": float(ape.mean()), "p90_ape": float(np.percentile(ape, 90)), "n": int(m.sum())}
+    return out
 
 
 def cross_validate(obs: Observations, folds: int = 5) -> tuple[dict[str, dict[str, float]], np.ndarray]:
@@ -186,11 +191,7 @@ def cross_validate(obs: Observations, folds: int = 5) -> tuple[dict[str, dict[st
     for train, test in GroupKFold(n_splits=k).split(obs.x, obs.y, obs.group):
         coef = _fit(obs.x[train], obs.y[train])
         pred[test] = obs.x[test] @ coef
-    out = {}
-    for kind, name in (("prefill", "ttft"), ("decode", "itl")):
-        m = obs.kind == kind
-        out[name] = _errors(pred[m], obs.y[m])
-    return out, pred
+    return _errors(obs, pred), pred
 
 
 def fit_profile(root: Path, *, name: str | None = None, folds: int = 5) -> tuple[LatencyModel, Observations]:
@@ -202,8 +203,7 @@ def fit_profile(root: Path, *, name: str | None = None, folds: int = 5) -> tuple
     obs = observations(df, read_point_stats(root))
     validation, _ = cross_validate(obs, folds)
     coef = _fit(obs.x, obs.y)
-    full = {"ttft": _errors(obs.x[obs.kind == "prefill"] @ coef, obs.y[obs.kind == "prefill"]),
-            "itl": _errors(obs.x[obs.kind == "decode"] @ coef, obs.y[obs.kind == "decode"])}  # fmt: skip
+    full = _errors(obs, obs.x @ coef)
     c = dict(zip(FEATURES, coef.tolist(), strict=True))
     meta = obs.meta
     pm, dm = meta[meta.kind == "prefill"], meta[meta.kind == "decode"]

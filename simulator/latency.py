@@ -88,6 +88,11 @@ class LatencyModel:
         kv = self.extra.get("kv_cache")
         return int(kv.get("num_gpu_blocks", default)) if isinstance(kv, dict) else default
 
+    def block_size(self, default: int = 16) -> int:
+        """KV-cache block size (tokens) the artifact's ``kv_cache`` section states."""
+        kv = self.extra.get("kv_cache")
+        return int(kv.get("block_size", default)) if isinstance(kv, dict) else default
+
     def kv_transfer_time(self, tokens: int) -> float:
         if tokens <= 0:
             return 0.0
