@@ -200,10 +200,16 @@ async def _on_startup(app: web.Application) -> None:
             log.info("backends joined: %s", [b.url for b in added])
             initial.extend(added)
             state.spawn(state.monitor.on_added(added))
+        if started and (added or removed):
+            default_policy.on_pool_change()
 
+    default_policy = state.policies[c.policy]
+    started = False
     await state.discovery.start(on_update)
     await state.monitor.on_added(list(state.pool))  # know models and health before the first request
     state.monitor.start()
+    started = True
+    default_policy.on_pool_change()  # e.g. KV-event subscribers connect now, not on the first request
 
 
 _GC_GEN0_THRESHOLD = 20_000

@@ -27,7 +27,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="full pod relist period (repairs missed watch events)")
     g = p.add_argument_group("policy")
     g.add_argument("--policy", default=_env("policy", "least-request"),
-                   help="round-robin, random, least-request, least-kv, power-of-two, prefix, or from --policy-config")
+                   help="round-robin, random, least-request, least-kv, power-of-two, prefix, kv-events, slo, best, "
+                        "length-buckets, session-affinity, lora-affinity, or one from --policy-config")
     g.add_argument("--policy-config", default=_env("policy-config"), help='JSON file {"policies": {NAME: spec}}')
     g.add_argument("--prefix-index-capacity", type=int, default=_env("prefix-index-capacity", 200_000, int))
     g = p.add_argument_group("backend state")

@@ -99,6 +99,11 @@ class Plugin:
     def on_finish(self, ctx: RequestContext, backend: Backend, outcome: Outcome) -> None:
         """The request is over (success, failure of this attempt, or client disconnect)."""
 
+    def on_pool_change(self) -> None:
+        """Backends joined or left the pool (and once at startup, after discovery's first answer). Called on the
+        event loop for the plugins of the router's default policy; may schedule background work (e.g. connect
+        KV-event subscribers before the first request instead of on it)."""
+
 
 class Filter(Plugin):
     """Drops backends: returns the subset of ``backends`` that stays eligible (same objects, any order)."""

@@ -138,6 +138,9 @@ class KVEventsScorer(Scorer):
     def on_response_start(self, ctx, backend) -> None:
         self.settle()
 
+    def on_pool_change(self) -> None:
+        self._sync()
+
     def score(self, ctx, backends):
         self._sync()
         self.settle()

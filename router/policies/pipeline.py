@@ -72,6 +72,10 @@ class Pipeline:
         for hook in self._finish_hooks:
             hook(ctx, backend, outcome)
 
+    def on_pool_change(self) -> None:
+        for p in self._plugins():
+            p.on_pool_change()
+
 
 def build_pipeline(name: str, spec: Mapping[str, Any], registry: Registry, services: Services) -> Pipeline:
     """Build one policy from ``{"filters": [...], "scorers": [{type, weight, config}], "picker": {...}}``."""

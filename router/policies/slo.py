@@ -147,6 +147,10 @@ class SloScorer(Scorer):
                 keep.append((at, ctx))
         sh.unsettled = keep
 
+    def on_pool_change(self) -> None:
+        if self.kv is not None:
+            self.kv.on_pool_change()
+
     def on_response_start(self, ctx, backend) -> None:
         self._settle()
         acct = ctx.state.get("_slo_acct")

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 
 from kvscale.testing.procs import free_port
-from router.app import create_app
+from router.app import STATE_KEY, create_app
 from router.backends import parse_backend_spec
 from router.bench.pods import Pod, sim_pod
 from router.config import RouterConfig
@@ -59,7 +59,7 @@ def tenant(i: int) -> str:
 async def test_kv_events_policy_sends_each_prefix_back_to_its_pod() -> None:
     async with sim_pod(LAT) as a, sim_pod(LAT) as b, sim_pod(LAT) as c, \
             router([spec(a), spec(b), spec(c)], "kv-events") as url, aiohttp.ClientSession() as http:  # fmt: skip
-        await complete(http, url, "warm up")  # the scorer subscribes on its first request
+        await complete(http, url, "warm up")
         await asyncio.sleep(0.3)
         homes = {}
         for i in range(3):
@@ -85,3 +85,34 @@ async def test_session_affinity_and_length_buckets_through_the_router() -> None:
         for i in range(4):
             backend, _ = await complete(http, url, f"short {i}", policy="length-buckets")
             assert backend != long_pod.url
+
+
+async def test_best_preset_subscribes_at_startup_and_follows_blocks_cached_before_any_routed_request() -> None:
+    """The registered ``best`` preset connects its KV-event subscribers when the router starts: blocks a pod cached
+    from traffic that never went through the router steer the router's very first request there."""
+    async with sim_pod(LAT) as a, sim_pod(LAT) as b, sim_pod(LAT) as c, aiohttp.ClientSession() as http:
+        port = free_port()
+        cfg = RouterConfig(port=port, backends=[parse_backend_spec(spec(p)) for p in (a, b, c)], policy="best",
+                           governance_log=None)  # fmt: skip
+        app = create_app(cfg)
+        runner = web.AppRunner(app, handler_cancellation=True)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, "127.0.0.1", port).start()
+            mgr = app[STATE_KEY].services.extras["kvevents"]
+            for _ in range(200):  # subscribers come up in the background, without any request
+                if len(mgr.subscribers) == 3 and all(s.connected.is_set() for s in mgr.subscribers.values()):
+                    break
+                await asyncio.sleep(0.05)
+            assert sorted(mgr.subscribers) == sorted(p.url for p in (a, b, c))
+            await asyncio.sleep(0.3)  # ZMQ slow joiner
+            # straight to the third pod, bypassing the router
+            async with http.post(c.url + "/v1/completions",
+                                 json={"model": MODEL, "prompt": tenant(7) + " first", "max_tokens": 1}) as r:
+                assert r.status == 200
+            await asyncio.sleep(0.3)  # BlockStored reaches the index
+            backend, cached = await complete(http, f"http://127.0.0.1:{port}", tenant(7) + " a new question")
+            assert backend == c.url
+            assert cached >= 160 // 16 * 16 - 16
+        finally:
+            await runner.cleanup()
