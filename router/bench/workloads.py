@@ -53,6 +53,12 @@ class Scale:
     output_tokens: tuple[int, int] = (16, 48)
 
 
+# For real vLLM CPU pods serving the tiny test model (max_model_len 1024; ~7 tokens per tagged word): system prompts
+# of ~680 tokens (21 blocks of 32), requests of ~750 tokens; 12 tenants on 2 pods need ~260 blocks.
+TINY_VLLM_SCALE = Scale(tenants_per_backend=6, system_prompt_words=100, query_words=(8, 16), output_tokens=(8, 16))
+TINY_VLLM_BLOCKS = 160  # per pod (--num-gpu-blocks-override): one pod holds ~7 of the 12 tenants' prefixes
+
+
 def build(name: str, *, backends: int, rate: float, duration: float, seed: int = 0,
           scale: Scale | None = None) -> list[BenchRequest]:  # fmt: skip
     if name not in WORKLOADS:

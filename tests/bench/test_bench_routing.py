@@ -1,4 +1,5 @@
-"""Routing quality: ``kvscale bench routing`` on simulator pods, every router configuration in the same run.
+"""Routing quality: ``kvscale bench routing`` on simulator pods, every router configuration in the same run; and a
+small run on two real vLLM CPU pods (``--engine vllm-cpu``).
 
 CI size by default (2 pods, short runs; a few minutes in all). ``KVSCALE_BENCH_FULL=1`` runs the sizes quoted in
 docs/routing.md (4 pods near saturation, 60 s per configuration; about half an hour). Prints the figures of
@@ -9,10 +10,12 @@ quiet machine), only that every configuration ran and answered.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from router.bench.routing import BenchConfig, print_table, run
+from router.bench.workloads import TINY_VLLM_BLOCKS, TINY_VLLM_SCALE
 
 FULL = os.environ.get("KVSCALE_BENCH_FULL", "") not in ("", "0")
 N = 4 if FULL else 2
@@ -82,3 +85,24 @@ def test_pd_vs_aggregated(record_bench) -> None:
     agg, pd = result["policies"]["least-request"], result["policies"][f"pd:{half}:{N - half}"]
     print(f"\nP/D {half}:{N - half} vs aggregated {N} pods: TTFT p90 {pd.get('ttft_p90_s')} vs {agg.get('ttft_p90_s')}"
           f", ITL p90 {pd.get('itl_p90_s')} vs {agg.get('itl_p90_s')}")  # fmt: skip
+
+
+@pytest.mark.timeout(3600)
+def test_two_real_vllm_pods(record_bench) -> None:
+    """Two real vLLM CPU pods (tiny model, one core each, 160 KV blocks each so one pod holds ~7 of the 12 tenants'
+    prefixes) behind each router configuration, prefix caches emptied between configurations. The slo scorer uses
+    the committed profile of vLLM CPU on this class of machine."""
+    profile = Path(__file__).resolve().parents[1] / "data" / "profile-vllm-cpu" / "fitted.json"
+    result = run(BenchConfig(
+        backends=2, workload="shared-prefix", rate=4.0, duration=60.0 if FULL else 30.0, engine="vllm-cpu",
+        latency_model=str(profile), num_gpu_blocks=TINY_VLLM_BLOCKS, scale=TINY_VLLM_SCALE,
+        policies=["round-robin", "least-request", "prefix", "kv-events", "best", "vllm-router:round_robin",
+                  "vllm-router:cache_aware", "vllm-router:kv_aware"],
+    ))  # fmt: skip
+    print_table(result)
+    record_bench("routing-vllm-cpu", result)
+    _check(result)
+    p = result["policies"]
+    print("\nprefix hit rate / TTFT p90 per policy on 2 vLLM CPU pods: " + ", ".join(
+        f"{k} {v['prefix_hit_rate']:.2f} / {v['ttft_p90_s']:.3f} s" for k, v in p.items()
+        if v.get("prefix_hit_rate") is not None and v.get("ttft_p90_s") is not None))  # fmt: skip

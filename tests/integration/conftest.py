@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kvscale.testing.tinymodel import MODEL_VERSION, build_tiny_model
+from kvscale.testing.tinymodel import cached_tiny_model
 from kvscale.testing.vllm_server import VllmServer, start_vllm_cpu, vllm_available
 
 # A small KV cache (256 blocks of 32 tokens = 8192 tokens) so that eviction and cache usage are observable;
@@ -43,8 +42,7 @@ def _require_vllm() -> None:
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny random Llama model (built once, cached across sessions keyed by its version)."""
-    default = Path(tempfile.gettempdir()) / "kvscale-tiny-model" / MODEL_VERSION
-    return build_tiny_model(Path(os.environ.get("KVSCALE_TINY_MODEL_DIR", default)))
+    return cached_tiny_model()
 
 
 @pytest.fixture(scope="session")
