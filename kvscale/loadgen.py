@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ class Sample:
     completion_tokens: int = 0
     cached_tokens: int = 0
     error: str = ""
+    started_at: float = float("nan")  # time.perf_counter() when the request was sent
 
 
 async def stream_completion(
@@ -36,15 +38,18 @@ async def stream_completion(
     *,
     chat: bool = False,
     timeout_s: float = 300.0,
+    headers: Mapping[str, str] | None = None,
 ) -> Sample:
-    """POST a streaming (chat) completion with usage and time every chunk."""
+    """POST a streaming (chat) completion with usage and time every chunk. An error event in the stream (vLLM's
+    ``data: {"error": ...}`` after a mid-stream failure) makes the sample a failure with that error."""
     url = f"{base_url.rstrip('/')}/v1/{'chat/completions' if chat else 'completions'}"
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    sample = Sample(endpoint=base_url, ok=False, status=0)
+    sample = Sample(endpoint=base_url, ok=False, status=0, started_at=t0)
     last = None
     try:
-        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+        async with session.post(url, json=payload, headers=headers,
+                                timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:  # fmt: skip
             sample.status = resp.status
             if resp.status != 200:
                 sample.error = (await resp.text())[:500]
@@ -58,6 +63,9 @@ async def stream_completion(
                     break
                 chunk = json.loads(data)
                 now = time.perf_counter()
+                if "error" in chunk:
+                    sample.error = str(chunk["error"])[:500]
+                    break
                 if chunk.get("choices"):
                     if last is None:
                         sample.ttft_s = now - t0
@@ -71,7 +79,7 @@ async def stream_completion(
                     details = usage.get("prompt_tokens_details") or {}
                     sample.cached_tokens = details.get("cached_tokens") or 0
         sample.e2e_s = time.perf_counter() - t0
-        sample.ok = True
+        sample.ok = not sample.error
     except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
         sample.error = f"{type(e).__name__}: {e}"
     return sample

@@ -28,6 +28,7 @@ import aiohttp
 import numpy as np
 
 from kvscale.engine_stats import ScrapeError, scrape
+from kvscale.loadgen import stream_completion
 from kvscale.testing.procs import ManagedProcess, ProcessError, free_port
 from router.bench.pods import Pod, start_sim_pod_process
 from router.bench.workloads import MODEL, BenchRequest, Scale, build
@@ -191,46 +192,15 @@ def _start_vllm_router(policy: str, pods: list[Pod], logs: Path, *, block_size: 
 
 
 async def _one(http: aiohttp.ClientSession, url: str, req: BenchRequest, t0: float, rid: str,
-               slo_headers: dict[str, str]) -> Sample:  # fmt: skip
+               slo_headers: dict[str, str], timeout_s: float) -> Sample:  # fmt: skip
     delay = req.at_s - (time.perf_counter() - t0)
     if delay > 0:
         await asyncio.sleep(delay)
-    path = "/v1/chat/completions" if req.chat else "/v1/completions"
-    body = {**req.body, "stream": True, "stream_options": {"include_usage": True}}
-    headers = {"x-request-id": rid, **slo_headers, **req.headers}
-    s = Sample(ok=False, status=0, kind=req.kind, request_id=rid)
-    s.start = time.perf_counter()
-    last = None
-    try:
-        async with http.post(url + path, json=body, headers=headers) as resp:
-            s.status = resp.status
-            if resp.status != 200:
-                s.error = (await resp.text())[:300]
-                s.end = time.perf_counter()
-                return s
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                chunk = json.loads(data)
-                if "error" in chunk:
-                    s.error = str(chunk["error"])[:300]
-                    break
-                if chunk.get("choices"):
-                    now = time.perf_counter()
-                    if last is None:
-                        s.ttft_s = now - s.start
-                    else:
-                        s.itls_s.append(now - last)
-                    last = now
-        s.ok = not s.error and last is not None
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
-        s.error = f"{type(e).__name__}: {e}"
-    s.end = time.perf_counter()
-    return s
+    got = await stream_completion(http, url, req.body, chat=req.chat, timeout_s=timeout_s,
+                                  headers={"x-request-id": rid, **slo_headers, **req.headers})  # fmt: skip
+    return Sample(ok=got.ok and not math.isnan(got.ttft_s), status=got.status, kind=req.kind, ttft_s=got.ttft_s,
+                  itls_s=got.itls_s, start=got.started_at, end=time.perf_counter(), error=got.error,
+                  request_id=rid)  # fmt: skip
 
 
 async def _prefix_counters(http: aiohttp.ClientSession, pods: list[Pod]) -> tuple[float, float]:
@@ -256,7 +226,7 @@ async def _drive(url: str, requests: list[BenchRequest], cfg: BenchConfig, pods:
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
         hits0, queries0 = await _prefix_counters(http, pods)  # non-zero on shared (vLLM) pods
         t0 = time.perf_counter()
-        samples = await asyncio.gather(*(_one(http, url, r, t0, f"{run_id}-{i}", slo)
+        samples = await asyncio.gather(*(_one(http, url, r, t0, f"{run_id}-{i}", slo, timeout.total or 0)
                                          for i, r in enumerate(requests)))  # fmt: skip
         hits, queries = await _prefix_counters(http, pods)
     hits, queries = hits - hits0, queries - queries0
