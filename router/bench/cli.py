@@ -15,8 +15,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.workload not in WORKLOADS:
         print(f"kvscale bench routing: --workload must be one of {WORKLOADS}", file=sys.stderr)
         return 2
-    if args.backends < 1 or args.rate <= 0 or args.duration <= 0:
-        print("kvscale bench routing: --backends, --rate and --duration must be positive", file=sys.stderr)
+    if args.backends < 1 or args.rate <= 0 or args.duration <= 0 or args.repeat < 1:
+        print("kvscale bench routing: --backends, --rate, --duration and --repeat must be positive", file=sys.stderr)
         return 2
     if args.engine == "vllm-cpu" and args.workload != "shared-prefix":
         print("kvscale bench routing: --engine vllm-cpu runs the shared-prefix workload only", file=sys.stderr)
@@ -28,7 +28,7 @@ def _main(args: argparse.Namespace) -> int:
         slowdown=args.slowdown, latency_model=args.latency_model,
         num_gpu_blocks=args.num_gpu_blocks or (TINY_VLLM_BLOCKS if real else 1000),
         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed, pd=args.pd, keep_logs=args.keep_logs,
-        engine=args.engine, model_dir=args.model_dir, scale=TINY_VLLM_SCALE if real else Scale(),
+        engine=args.engine, model_dir=args.model_dir, repeat=args.repeat, scale=TINY_VLLM_SCALE if real else Scale(),
     )  # fmt: skip
     result = run(cfg)
     print_table(result)
@@ -64,5 +64,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--pd", default=None, metavar="P:D", help="also run P/D with P prefill and D decode pods")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="interleaved rounds over the configurations (medians reported; use on a shared machine)")
     p.add_argument("--keep-logs", action="store_true", help="keep pod and router logs (path printed)")
     p.set_defaults(func=_main)

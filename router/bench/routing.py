@@ -67,6 +67,7 @@ class BenchConfig:
     keep_logs: bool = False
     engine: str = "sim"  # "sim": simulator pods, fresh per configuration; "vllm-cpu": real vLLM pods, shared
     model_dir: str | None = None  # vllm-cpu: the served model directory (None: build the tiny test model)
+    repeat: int = 1  # interleaved rounds over the configurations; figures are the medians over rounds
 
 
 @dataclass
@@ -177,7 +178,7 @@ def _start_vllm_router(policy: str, pods: list[Pod], logs: Path, *, block_size: 
     cmd = [str(VLLM_ROUTER_BIN), "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
            "--worker-urls", *[p.url for p in pods], "--prometheus-port", str(free_port()),
            "--worker-startup-check-interval", "1", "--max-concurrent-requests", "100000", "--queue-size", "100000",
-           "--log-level", "warning", "--disable-retries"]  # fmt: skip
+           "--log-level", os.environ.get("KVSCALE_VLLM_ROUTER_LOG", "warning"), "--disable-retries"]  # fmt: skip
     if policy == "kv_aware":  # fed by the same pods' KV events (and replay sockets)
         for p in pods:
             cmd += ["--kv-event-source", f"{p.url}={p.events.endpoint}"]
@@ -273,17 +274,18 @@ def _slo_errors(record_path: Path, run_id: str) -> dict[str, Any]:
 
 
 def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Path, latency_path: Path,
-            policy_file: Path, record_path: Path, shared: list[Pod] | None = None) -> dict[str, Any]:  # fmt: skip
+            policy_file: Path, record_path: Path, shared: list[Pod] | None = None,
+            tag: str = "") -> dict[str, Any]:  # fmt: skip
     """Run one router configuration on fresh pods, or on ``shared`` pods (real engines, started once) after
     emptying their prefix caches; returns its summary (or {"skipped": reason})."""
-    logs = work / name.replace(":", "_").replace("+", "_")
+    logs = work / (name.replace(":", "_").replace("+", "_") + tag)
     logs.mkdir(parents=True, exist_ok=True)
     n = cfg.backends
     if shared is not None:
         if name.startswith("pd:"):
             return {"skipped": "P/D needs simulator pods (the vLLM CPU build has no KV connector here)"}
         _reset_prefix_caches(shared)
-        return _route_and_drive(name, cfg, requests, logs, policy_file, record_path, shared, [{} for _ in shared])
+        return _route_and_drive(name, cfg, requests, logs, policy_file, record_path, shared, [{} for _ in shared], tag)
     if name.startswith("pd:"):
         p, d = (int(x) for x in name[3:].split(":"))
         roles = ["prefill"] * p + ["decode"] * d
@@ -298,7 +300,7 @@ def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Pat
         for pod in pods:
             assert pod.process is not None
             pod.process.wait_http_ready(pod.url + "/health", timeout=60, interval=0.2)
-        return _route_and_drive(name, cfg, requests, logs, policy_file, record_path, pods, labels)
+        return _route_and_drive(name, cfg, requests, logs, policy_file, record_path, pods, labels, tag)
     except ProcessError as e:
         return {"skipped": str(e).splitlines()[0][:300]}
     finally:
@@ -308,7 +310,8 @@ def run_one(name: str, cfg: BenchConfig, requests: list[BenchRequest], work: Pat
 
 
 def _route_and_drive(name: str, cfg: BenchConfig, requests: list[BenchRequest], logs: Path, policy_file: Path,
-                     record_path: Path, pods: list[Pod], labels: list[dict[str, str]]) -> dict[str, Any]:  # fmt: skip
+                     record_path: Path, pods: list[Pod], labels: list[dict[str, str]],
+                     tag: str) -> dict[str, Any]:  # fmt: skip
     router: ManagedProcess | None = None
     try:
         if name.startswith("vllm-router:"):
@@ -317,7 +320,7 @@ def _route_and_drive(name: str, cfg: BenchConfig, requests: list[BenchRequest], 
             policy = "kv-events" if name.startswith("pd:") else name
             router, url = _start_kvscale_router(policy, pods, labels, policy_file, logs)
         time.sleep(0.5)  # subscribers connect, first scrapes land
-        run_id = name.replace(":", "_")
+        run_id = name.replace(":", "_") + tag
         samples, hit = asyncio.run(_drive(url, requests, cfg, pods, run_id))
         out = summarize(samples, hit)
         if name in ("slo", "best", "best+buckets"):
@@ -404,13 +407,20 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             raise ValueError(f"engine must be sim or vllm-cpu, got {cfg.engine!r}")
         record_path = work / "slo-records.jsonl"
         policy_file = _policy_file(cfg, latency_path, work, record_path)
-        results: dict[str, Any] = {}
-        for name in names:
-            t = time.perf_counter()
-            results[name] = run_one(name, cfg, requests, work, latency_path, policy_file, record_path, shared)
-            results[name]["wall_s"] = round(time.perf_counter() - t, 1)
-            print(f"  {name}: {_brief(results[name])}", file=sys.stderr, flush=True)
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+        for r in range(cfg.repeat):
+            # Interleaved rounds, each starting one configuration later, so a slow spell of a shared machine does
+            # not land on the same configurations every time.
+            for name in names[r % len(names):] + names[: r % len(names)]:
+                t = time.perf_counter()
+                out = run_one(name, cfg, requests, work, latency_path, policy_file, record_path, shared, f"-r{r}")
+                out["wall_s"] = round(time.perf_counter() - t, 1)
+                rounds[name].append(out)
+                print(f"  {name}{f' (round {r + 1})' if cfg.repeat > 1 else ''}: {_brief(out)}", file=sys.stderr,
+                      flush=True)  # fmt: skip
+        results = {name: _median_of_rounds(rs) for name, rs in rounds.items()}
         return {
+            "repeat": cfg.repeat,
             "engine": cfg.engine,
             "policies": results,
             "workload": cfg.workload,
@@ -430,6 +440,27 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
             print(f"logs kept in {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's figures over interleaved rounds: the median of each number (a skipped round is left
+    out); with several rounds, each round's TTFT p90 too."""
+    ran = [r for r in rounds if "skipped" not in r]
+    if not ran:
+        return rounds[0]
+    if len(ran) == 1:
+        return ran[0]
+    out: dict[str, Any] = {}
+    for k in ran[0]:
+        vals = [r.get(k) for r in ran]
+        nums = [v for v in vals if isinstance(v, int | float) and not isinstance(v, bool)]
+        if len(nums) == len(vals):
+            med = float(np.median(nums))
+            out[k] = int(med) if all(isinstance(v, int) for v in nums) else med
+        else:
+            out[k] = vals[0]
+    out["rounds_ttft_p90_s"] = [r.get("ttft_p90_s") for r in ran]
+    return out
 
 
 def _brief(r: dict[str, Any]) -> str:

@@ -90,14 +90,14 @@ def test_pd_vs_aggregated(record_bench) -> None:
 @pytest.mark.timeout(3600)
 def test_two_real_vllm_pods(record_bench) -> None:
     """Two real vLLM CPU pods (tiny model, one core each, 160 KV blocks each so one pod holds ~7 of the 12 tenants'
-    prefixes) behind each router configuration, prefix caches emptied between configurations. The slo scorer uses
-    the committed profile of vLLM CPU on this class of machine."""
+    prefixes) behind each router configuration, prefix caches emptied between configurations, two interleaved
+    rounds (medians). The slo scorer uses the committed profile of vLLM CPU on this class of machine."""
     profile = Path(__file__).resolve().parents[1] / "data" / "profile-vllm-cpu" / "fitted.json"
     result = run(BenchConfig(
-        backends=2, workload="shared-prefix", rate=4.0, duration=60.0 if FULL else 30.0, engine="vllm-cpu",
-        latency_model=str(profile), num_gpu_blocks=TINY_VLLM_BLOCKS, scale=TINY_VLLM_SCALE,
-        policies=["round-robin", "least-request", "prefix", "kv-events", "best", "vllm-router:round_robin",
-                  "vllm-router:cache_aware", "vllm-router:kv_aware"],
+        backends=2, workload="shared-prefix", rate=4.0, duration=60.0 if FULL else 20.0, engine="vllm-cpu",
+        latency_model=str(profile), num_gpu_blocks=TINY_VLLM_BLOCKS, scale=TINY_VLLM_SCALE, repeat=2,
+        policies=["round-robin", "prefix", "kv-events", "best", "vllm-router:round_robin", "vllm-router:cache_aware",
+                  "vllm-router:kv_aware"],
     ))  # fmt: skip
     print_table(result)
     record_bench("routing-vllm-cpu", result)

@@ -18,8 +18,8 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 def test_bench_routing_writes_every_policy(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    proc = bench("--backends", "2", "--rate", "4", "--duration", "3", "--json", str(out),
-                 "--policies", "round-robin,best,vllm-router:round_robin")  # fmt: skip
+    proc = bench("--backends", "2", "--rate", "4", "--duration", "2", "--json", str(out),
+                 "--policies", "round-robin,best,vllm-router:round_robin", "--repeat", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["workload"] == "shared-prefix" and result["rate"] == 4.0
@@ -28,11 +28,12 @@ def test_bench_routing_writes_every_policy(tmp_path: Path) -> None:
         assert KEYS <= set(r), (name, r)
         assert r["requests"] > 0 and r["errors"] == 0, (name, r)
         assert r["ttft_p50_s"] > 0 and 0 <= r["prefix_hit_rate"] <= 1
-    assert result["policies"]["best"]["slo_predictions"] >= 0
+    assert result["repeat"] == 2
+    assert all(len(r["rounds_ttft_p90_s"]) == 2 for r in result["policies"].values())
 
 
 def test_bench_routing_rejects_bad_arguments() -> None:
-    for args, needle in ((["--workload", "nope"], "--workload"), (["--rate", "0"], "positive"),
+    for args, needle in ((["--workload", "nope"], "--workload"), (["--rate", "0"], "positive"), (["--repeat", "0"], "positive"),
                          (["--engine", "vllm-cpu", "--workload", "mixed-length"], "shared-prefix workload only")):  # fmt: skip
         proc = bench(*args, timeout=60)
         assert proc.returncode == 2 and needle in proc.stderr, (args, proc.stderr[-500:])
