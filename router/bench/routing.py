@@ -448,7 +448,7 @@ def _median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     ran = [r for r in rounds if "skipped" not in r]
     if not ran:
         return rounds[0]
-    if len(ran) == 1:
+    if len(rounds) == 1:
         return ran[0]
     out: dict[str, Any] = {}
     for k in ran[0]:
@@ -460,6 +460,8 @@ def _median_of_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[k] = vals[0]
     out["rounds_ttft_p90_s"] = [r.get("ttft_p90_s") for r in ran]
+    if len(ran) < len(rounds):
+        out["rounds_skipped"] = [r["skipped"] for r in rounds if "skipped" in r]
     return out
 
 
