@@ -105,11 +105,12 @@ def md1_wait_quantile(rho: float, service_s: float, q: float) -> float:
 def predict_prefill_ttft_s(
     model: LatencyModel, rate_rps: float, mean_isl: float, percentile: float, cached_fraction: float = 0.0
 ) -> float:
-    """TTFT at ``percentile`` of one replica receiving ``rate_rps`` prefills (M/D/1); inf when saturated."""
+    """TTFT at ``percentile`` of one replica receiving ``rate_rps`` prefills (M/D/1); inf when saturated.
+    The model's per-request ``request_overhead_s`` (API server, outside the engine) adds to TTFT, not to the service."""
     if rate_rps < 0:
         raise ValueError(f"rate must be >= 0, got {rate_rps!r}")
     service, _ = _prefill_service_s(model, mean_isl, cached_fraction)
-    return service + md1_wait_quantile(rate_rps * service, service, percentile / 100.0)
+    return model.request_overhead_s + service + md1_wait_quantile(rate_rps * service, service, percentile / 100.0)
 
 
 def _bisect_max(ok: Callable[[float], bool], hi: float, iters: int = 60) -> float:
@@ -127,7 +128,7 @@ def _bisect_max(ok: Callable[[float], bool], hi: float, iters: int = 60) -> floa
 def prefill_capacity_rps(model: LatencyModel, slo: SLO, mean_isl: float, cached_fraction: float = 0.0) -> float:
     """Max prefill requests/s one replica serves with TTFT at the SLO percentile ≤ ``slo.ttft_s``."""
     service, _ = _prefill_service_s(model, mean_isl, cached_fraction)
-    if service >= slo.ttft_s:
+    if model.request_overhead_s + service >= slo.ttft_s:
         return 0.0
     return _bisect_max(
         lambda r: predict_prefill_ttft_s(model, r, mean_isl, slo.percentile, cached_fraction) <= slo.ttft_s,
@@ -205,7 +206,7 @@ def aggregated_capacity_rps(
         if batch > max_num_seqs:
             return False
         s_eff = service + batch * (c.per_decode_seq_s + c.per_decode_ctx_s * ctx)
-        return s_eff + md1_wait_quantile(rate * s_eff, s_eff, slo.q) <= slo.ttft_s
+        return model.request_overhead_s + s_eff + md1_wait_quantile(rate * s_eff, s_eff, slo.q) <= slo.ttft_s
 
     if not ok(1e-9):
         return 0.0

@@ -1,4 +1,4 @@
-"""``kvscale profile run | import | fit | capacity`` (registered by kvscale.cli)."""
+"""``kvscale profile run | import | fit | steps | capacity`` (registered by kvscale.cli)."""
 
 from __future__ import annotations
 
@@ -146,6 +146,7 @@ def fit_main(args: argparse.Namespace) -> int:
     for k, v in model.to_dict()["step_time"]["coefficients"].items():
         table.add_row(k, f"{v:.4g}")
     table.add_row("ttft_overhead_s", f"{fit['ttft_overhead_s']:.4g}")
+    table.add_row("client_overhead_s", f"{fit.get('client_overhead_s', 0.0):.4g}")
     val = Table(title=f"held-out error ({fit['validation']['method']})")
     for c in ("latency", "MAPE", "p90 APE", "points"):
         val.add_column(c, justify="right")
@@ -210,7 +211,7 @@ def _workload_from_trace(trace: list, name: str):
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``kvscale profile run|import|fit|capacity``."""
+    """Add ``kvscale profile run|import|fit|steps|capacity``."""
     prof = sub.add_parser("profile", help="benchmark engine pods, fit latency models, compute capacity")
     ps = prof.add_subparsers(dest="profile_command", required=True)
 
@@ -231,6 +232,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     fit.add_argument("--name", default=None)
     fit.add_argument("--folds", type=int, default=5)
     fit.set_defaults(func=fit_main)
+
+    from predictor.gpu_steps import add_args as add_steps_args
+    from predictor.gpu_steps import steps_main
+
+    steps = ps.add_parser("steps", help="time forward steps of a random-weight model in PyTorch (on a GPU) into a "
+                          "profile that `profile fit` reads")  # fmt: skip
+    add_steps_args(steps)
+    steps.set_defaults(func=steps_main)
 
     cap = ps.add_parser("capacity", help="max request rate per replica under a TTFT/ITL SLO")
     cap.add_argument("model", help="latency-model JSON (or a built-in name)")

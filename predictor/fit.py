@@ -10,7 +10,11 @@ Observations (one row each):
   one decode step at the mean context: ``itl = base + s·B + k·B·(L + OSL/2)``. Per-stream means rather than
   per-chunk gaps, because a busy server may coalesce several tokens into one SSE chunk.
 
-Medians per point make the fit robust to the scheduling noise of a shared machine.
+Where the profile has them, engine-side figures replace the client's (HTTP and a busy client add noise, and a
+busy box delivers SSE chunks in bursts): the median of the engine's per-request TTFTs for prefill rows, the median
+over rounds of the engine's mean ITL in each round's steady window (every stream decoding, none prefilling or done;
+see ``predictor.profiler.steady_decode_window``) at the window's measured context for decode rows. Medians per point
+make the fit robust to single stalls on a shared machine.
 
 One non-negative least-squares fit (scikit-learn ``LinearRegression(positive=True)``) over both kinds, weighted
 by 1/y² so that it minimises *relative* error (what MAPE measures). Validation is grouped k-fold: whole grid
@@ -61,25 +65,40 @@ def _prefill_requests(df: pd.DataFrame) -> pd.DataFrame:
 
 def _engine_side(out: pd.DataFrame, stats: pd.DataFrame | None, column: str, target: str) -> pd.DataFrame:
     """Prefer the engine's own per-point mean (histogram delta) over the client's view where it exists."""
-    out["source"] = "client"
+    if "source" not in out:
+        out["source"] = "client"
     if stats is None or stats.empty or column not in stats:
         return out
     eng = stats.set_index("point_id")[column]
     have = out.point_id.map(eng)
-    ok = have.notna() & (have > 0)
+    ok = have.notna() & (have > 0) & (out.source == "client")
     out.loc[ok, target] = have[ok]
     out.loc[ok, "source"] = "engine"
     return out
 
 
+def _per_point_lists(stats: pd.DataFrame | None, column: str) -> dict[str, list]:
+    """``point_id -> list`` for a list-valued point-stats column (absent in profiles from older kvscale)."""
+    if stats is None or stats.empty or column not in stats:
+        return {}
+    return {pid: v for pid, v in zip(stats.point_id, stats[column], strict=True) if isinstance(v, list) and v}
+
+
 def _prefill_rows(df: pd.DataFrame, stats: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per prefill/prefix point: TTFT (engine mean, else client median), median new and cached tokens."""
+    """One row per prefill/prefix point: TTFT (median of the engine's per-request TTFTs, else the engine's mean,
+    else the client's median), median new and cached tokens."""
     p = _prefill_requests(df)
     g = p.groupby("point_id")
     out = pd.DataFrame({
         "ttft_s": g.ttft_s.median(), "new": g.new.median(), "cached_tokens": g.cached_tokens.median(),
         "prompt_tokens": g.prompt_tokens.median(), "n": g.size(),
     }).reset_index()  # fmt: skip
+    out["client_ttft_s"] = out.ttft_s
+    out["source"] = "client"
+    per_request = _per_point_lists(stats, "engine_ttft_s")
+    for i, pid in enumerate(out.point_id):
+        if len(v := per_request.get(pid, [])) * 2 >= out.n.iat[i]:  # most requests have their own engine TTFT
+            out.loc[i, ["ttft_s", "source"]] = [float(np.median(v)), "engine-median"]
     return _engine_side(out, stats, "engine_ttft_mean_s", "ttft_s")
 
 
@@ -98,6 +117,14 @@ def _decode_rows(df: pd.DataFrame, stats: pd.DataFrame | None = None) -> pd.Data
         "itl_s": g.tpot.median(), "n": g.size(),
     }).reset_index()  # fmt: skip
     out["context"] = out.batch * (out.isl + out.osl / 2.0)
+    out["source"] = "client"
+    steady = _per_point_lists(stats, "engine_steady_decode")
+    for i, pid in enumerate(out.point_id):
+        if ws := [w for w in steady.get(pid, []) if w.get("itl_mean_s", 0) > 0]:
+            # median over rounds: one round hit by a scheduling stall of the shared machine does not move it
+            out.loc[i, ["itl_s", "context", "source"]] = [float(np.median([w["itl_mean_s"] for w in ws])),
+                                                          float(np.mean([w["context_tokens"] for w in ws])),
+                                                          "engine-steady"]  # fmt: skip
     return _engine_side(out, stats, "engine_itl_mean_s", "itl_s")
 
 
@@ -147,7 +174,7 @@ def observations(df: pd.DataFrame, stats: pd.DataFrame | None = None) -> Observa
         [
             pd.DataFrame({"kind": "prefill", "isl": p.prompt_tokens.to_numpy(), "cached": p.cached_tokens.to_numpy(),
                           "batch": 1, "context": p.prompt_tokens.to_numpy(float), "source": p.source,
-                          "point_id": p.point_id, "y": p.ttft_s}),  # fmt: skip
+                          "point_id": p.point_id, "y": p.ttft_s, "client_y": p.client_ttft_s}),  # fmt: skip
             pd.DataFrame({"kind": "decode", "isl": d.isl.to_numpy(), "cached": 0, "batch": d.batch.to_numpy(),
                           "context": d.context.to_numpy(), "source": d.source, "point_id": d.point_id,
                           "y": d.itl_s}),  # fmt: skip
@@ -208,6 +235,10 @@ def fit_profile(root: Path, *, name: str | None = None, folds: int = 5) -> tuple
     meta = obs.meta
     pm, dm = meta[meta.kind == "prefill"], meta[meta.kind == "decode"]
     engine = read_engine(root)
+    # Clients see more than the engine's TTFT (HTTP, parsing before vLLM's arrival_time, sending the first chunk):
+    # the median gap between the client's and the engine's per-point TTFT, where both exist.
+    eng = pm.source.str.startswith("engine")
+    client_overhead = max(0.0, float(np.median((pm.client_y - pm.y)[eng]))) if eng.any() else 0.0
     fit_range = {
         "prefill_new_tokens": [int(pm.isl.sub(pm.cached).min()), int(pm.isl.sub(pm.cached).max())],
         "prefill_cached_tokens": [int(pm.cached.min()), int(pm.cached.max())],
@@ -223,7 +254,9 @@ def fit_profile(root: Path, *, name: str | None = None, folds: int = 5) -> tuple
         engine=f"{manifest.get('engine', '')} {manifest.get('engine_version', '')}".strip(),
         notes=(
             f"Fitted by kvscale {__version__} from {len(df)} requests ({len(np.unique(obs.group))} grid points). "
-            "TTFT = ttft_overhead_s + one prefill step; ITL = one decode step."
+            "TTFT = ttft_overhead_s + one prefill step (engine side; clients see client_overhead_s more); "
+            "ITL = one decode step."
+            + (f" Measured: {manifest['note']}." if manifest.get("note") else "")
         ),
         extra={
             **({"kv_cache": kv} if (kv := manifest.get("kv_cache")) and kv.get("num_gpu_blocks") else {}),
@@ -233,10 +266,12 @@ def fit_profile(root: Path, *, name: str | None = None, folds: int = 5) -> tuple
                 "profile": {"path": str(root), "created": manifest.get("created"), "endpoints":
                             manifest.get("endpoints"), "parameters": manifest.get("parameters")},  # fmt: skip
                 "features": {
-                    "prefill": "ttft = ttft_overhead_s + base_s + per_prefill_token_s*n + per_prefill_attn_s*n*(c+n/2)",
+                    "prefill": "ttft = ttft_overhead_s + base_s + per_prefill_token_s*n + per_prefill_attn_s*n*(c+n/2)"
+                    " (engine side: vLLM's time_to_first_token; a client's TTFT adds client_overhead_s)",
                     "decode": "itl = base_s + per_decode_seq_s*B + per_decode_ctx_s*sum(context)",
                 },
                 "ttft_overhead_s": c["ttft_overhead_s"],
+                "client_overhead_s": client_overhead,
                 "range": fit_range,
                 "observations": {"prefill": len(pm), "decode": len(dm),
                                  "engine_side": int((meta.source == "engine").sum())},  # fmt: skip

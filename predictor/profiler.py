@@ -17,8 +17,10 @@ endpoints (one point at a time per endpoint) and each is written when complete, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import datetime as dt
+import json
 import math
 import platform
 import random
@@ -79,6 +81,7 @@ class ProfileConfig:
     decode_context: tuple[int, ...] = (128, 1024, 4096)
     decode_osl: int = 64
     decode_rounds: int = 1
+    decode_poll_s: float = 0.02  # engine snapshots while a decode round's streams are prefilled (the window's start)
     load_workload: str = "chat"
     load_rates: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
     load_duration_s: float = 30.0
@@ -228,6 +231,77 @@ def engine_point_stats(before: EngineStats, after: EngineStats) -> dict[str, Any
     }
 
 
+def steady_decode_window(
+    start: EngineStats, a: EngineStats, b: EngineStats, batch: int, isl: int
+) -> dict[str, float] | None:
+    """The engine's mean ITL over a stretch of one decode round in which every step decoded exactly ``batch``
+    sequences: from ``a`` (all prefills done) to ``b`` (nobody finished yet). None if the snapshots show otherwise.
+
+    Streams sent together reach the engine over tens of milliseconds on a busy CPU, so the first steps of a round
+    carry other requests' prefill chunks, and the last ones a shrinking batch; a per-round mean (histogram delta
+    over the whole round) mixes those in. ``context_tokens`` is the mean total context of the window's steps:
+    ``batch * isl`` plus the tokens generated so far, averaged over the window (progress is uniform in it).
+    """
+    itl = b.itl - a.itl
+    if not _all_prefilled(start, a, batch, isl) or a.running != batch or b.running != batch or b.waiting:
+        return None
+    if itl.count < batch:
+        return None
+    g_a = a.generation_tokens_total - start.generation_tokens_total
+    g_b = b.generation_tokens_total - start.generation_tokens_total
+    return {"itl_mean_s": itl.mean or 0.0, "itl_count": itl.count, "batch": batch,
+            "context_tokens": batch * isl + (g_a + g_b) / 2.0}  # fmt: skip
+
+
+def _all_prefilled(start: EngineStats, now: EngineStats, batch: int, isl: int) -> bool:
+    """Every stream of the round has its first token: ``batch`` more TTFT observations, or (engines that observe
+    TTFT only when a request finishes) ``batch * isl`` more prompt tokens, which vLLM counts at prefill completion."""
+    return (now.ttft - start.ttft).count >= batch or now.prompt_tokens_total - start.prompt_tokens_total >= batch * isl
+
+
+async def stream_counted(
+    session: aiohttp.ClientSession, base_url: str, body: dict[str, Any], seen: list[int], i: int, *, timeout_s: float
+) -> Sample:
+    """Like :func:`kvscale.loadgen.stream_completion` (same Sample), also counting the content chunks of stream
+    ``i`` in ``seen[i]`` as they arrive (a decode round bounds the engine's progress with them)."""
+    url = f"{base_url.rstrip('/')}/v1/completions"
+    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    sample = Sample(endpoint=base_url, ok=False, status=0)
+    last: float | None = None
+    try:
+        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
+            sample.status = resp.status
+            if resp.status != 200:
+                sample.error = (await resp.text())[:500]
+                return sample
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:") or (data := line[5:].strip()) == b"[DONE]":
+                    continue
+                chunk = json.loads(data)
+                now = time.perf_counter()
+                if "error" in chunk:
+                    sample.error = str(chunk["error"])[:500]
+                    return sample
+                if chunk.get("choices"):
+                    if last is None:
+                        sample.ttft_s = now - t0
+                    else:
+                        sample.itls_s.append(now - last)
+                    last = now
+                    seen[i] += 1
+                if usage := chunk.get("usage"):
+                    sample.prompt_tokens = usage.get("prompt_tokens", 0)
+                    sample.completion_tokens = usage.get("completion_tokens", 0)
+                    sample.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+        sample.e2e_s = time.perf_counter() - t0
+        sample.ok = True
+    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
+        sample.error = f"{type(e).__name__}: {e}"
+    return sample
+
+
 class _Prompts:
     """Random token-id prompts; a fresh random start makes every prompt's first block unique.
 
@@ -366,6 +440,65 @@ class Profiler:
         except ScrapeError:
             return None
 
+    async def _decode_round(
+        self, session: aiohttp.ClientSession, point: Point, url: str, rows: list[dict[str, Any]], t0: float
+    ) -> dict[str, float] | None:
+        """``concurrency`` streams sent together; the engine's steady window (see :func:`steady_decode_window`) opens
+        at snapshot ``a``, one poll (``decode_poll_s``) after every stream has its first token, and closes at
+        snapshot ``z``, taken without polling in between while no stream can be within a quarter of its ``osl`` of
+        finishing. Scraping vLLM's ``/metrics`` costs its API server milliseconds of CPU, which on a small box slows
+        the very steps being measured, so the window itself is left alone.
+
+        The engine's counters decide, checked afterwards; the client's view (a busy box delivers SSE chunks in
+        bursts, so it lags) only tightens a bound. After ``a`` every step decodes all ``B`` streams, so the leading
+        one gains one token per step from at most ``min(g_a - (B - 1), c_max + g_a - sum(c))`` at ``a`` (``g_a``:
+        tokens the engine generated in the round, ``c``: chunks each stream had received just before; every stream
+        is at least as far on the engine as on the client). ``z`` is taken after 80% of the steps left to the
+        limit, timed with the ITL the engine reported so far (an overestimate: it counts the prefill-carrying steps).
+        """
+        b = point.concurrency
+        done = asyncio.Event()
+        seen = [0] * b
+
+        async def one(i: int) -> None:
+            start = time.perf_counter() - t0
+            body = _body(self.cfg.model, self.prompts.make(point.isl), point.osl)
+            s = await stream_counted(session, url, body, seen, i, timeout_s=self.cfg.timeout_s)
+            rows.append(_row(point, s, start, False))
+            done.set()  # the first stream to end closes the window
+
+        start = await self._engine_snapshot(session, url)
+        tasks = [asyncio.create_task(one(i)) for i in range(b)]
+        window = None
+        try:
+            a = None
+            prefilled = False
+            while start is not None and not done.is_set():
+                client = list(seen)  # before the scrape: a lower bound of each stream's progress at the snapshot
+                snap = await self._engine_snapshot(session, url)
+                if snap is None or done.is_set():
+                    break
+                if prefilled:
+                    # one poll after the last prefill: an engine's counters may run a step ahead of its latency
+                    # histograms (the simulator's do), never the other way round
+                    a = snap
+                    break
+                prefilled = _all_prefilled(start, snap, b, point.isl)
+                await asyncio.sleep(self.cfg.decode_poll_s)
+            if a is not None and start is not None:
+                g_a = a.generation_tokens_total - start.generation_tokens_total
+                lead = min(g_a - (b - 1), max(client) + g_a - sum(client))
+                steps_left = point.osl - max(1, point.osl // 4) - lead
+                step_s = (a.itl - start.itl).mean or 0.0
+                if steps_left >= 2 and step_s > 0:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(done.wait(), 0.8 * steps_left * step_s)
+                    if not done.is_set() and (z := await self._engine_snapshot(session, url)) is not None:
+                        window = steady_decode_window(start, a, z, b, point.isl)
+        finally:
+            await asyncio.gather(*tasks)
+        return window
+
     async def _sample_engine(
         self, session: aiohttp.ClientSession, urls: list[str], point: Point, t0: float, rows: list[dict[str, Any]]
     ) -> None:
@@ -393,9 +526,20 @@ class Profiler:
             return s
 
         before: list[EngineStats | None] = [None]
+        per_request_ttft: list[float] = []  # the engine's TTFT of each measured request (prefill, prefix)
+        windows: list[dict[str, float]] = []  # steady decode windows, one per round where the engine shows one
+        last: list[EngineStats | None] = [None]
 
         async def mark() -> None:  # the engine's counters as the measured phase starts
-            before[0] = await self._engine_snapshot(session, urls[0])
+            before[0] = last[0] = await self._engine_snapshot(session, urls[0])
+
+        async def sequential(prompt: list[int]) -> None:
+            """One lone request, then a snapshot: the TTFT histogram's delta is that request's engine TTFT."""
+            prev = last[0]
+            await send(prompt, 1, urls[0])
+            last[0] = now = await self._engine_snapshot(session, urls[0])
+            if prev is not None and now is not None and (d := now.ttft - prev.ttft).count == 1 and d.mean:
+                per_request_ttft.append(d.mean)
 
         try:
             if point.sweep in ("prefill", "prefix", "decode"):
@@ -404,20 +548,19 @@ class Profiler:
             if point.sweep == "prefill":
                 await mark()
                 for _ in range(point.requests):
-                    await send(self.prompts.make(point.isl), 1, urls[0])
+                    await sequential(self.prompts.make(point.isl))
             elif point.sweep == "prefix":
                 firsts = [self.prompts.make(point.isl) for _ in range(point.requests)]
                 for first in firsts:
                     await send(first, 1, urls[0], warmup=True)  # fills the cache
                 await mark()
                 for first in firsts:
-                    await send(first[: point.cached] + self.prompts.make(point.isl - point.cached), 1, urls[0])
+                    await sequential(first[: point.cached] + self.prompts.make(point.isl - point.cached))
             elif point.sweep == "decode":
                 await mark()
                 for _ in range(point.requests):
-                    await asyncio.gather(
-                        *(send(self.prompts.make(point.isl), point.osl, urls[0]) for _ in range(point.concurrency))
-                    )
+                    if (w := await self._decode_round(session, point, urls[0], rows, t0)) is not None:
+                        windows.append(w)
             else:
                 await self._load(point, urls, send)
         finally:
@@ -426,6 +569,10 @@ class Profiler:
         stats = None
         if before[0] is not None and (after := await self._engine_snapshot(session, urls[0])) is not None:
             stats = engine_point_stats(before[0], after)
+            if per_request_ttft:
+                stats["engine_ttft_s"] = per_request_ttft
+            if windows:
+                stats["engine_steady_decode"] = windows
         measured = [r for r in rows if not r["warmup"]]
         failures = sum(1 for r in measured if not r["ok"])
         if measured and failures / len(measured) > cfg.max_failure_fraction:

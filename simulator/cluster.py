@@ -14,6 +14,9 @@ P/D: with ``prefill`` and ``decode`` pools, a request is prefilled on a prefill 
 discarded, as llm-d does), then decoded on a decode replica, which pays the modelled KV transfer. The prefill
 replica's blocks are released when the decode leg is dispatched.
 
+A fitted latency model's ``request_overhead_s`` (the pod's API server: per-request time outside the engine step)
+delays each request's admission to the engine it was dispatched to, so TTFT includes it and the engine does not.
+
 Per request we record TTFT, E2E and TPOT (the mean inter-token latency, ``(last - first) / (n - 1)``); the
 per-token ITL distribution is kept as a histogram (each decode step contributes its duration once per sequence).
 """
@@ -53,6 +56,7 @@ class Replica:
     synced_waiting: int = 0
     synced_kv_usage: float = 0.0
     next_wake: float = -1.0
+    admitting: int = 0  # dispatched requests still in the API server's per-request overhead (not in the engine)
 
     def serving(self, now: float) -> bool:
         return self.deleted_s is None and not self.draining and now >= self.ready_s
@@ -253,7 +257,7 @@ class Cluster:
         self._record_timeline(now)
 
     def _maybe_delete(self, r: Replica, now: float) -> None:
-        if r.draining and r.deleted_s is None and not r.engine.has_work():
+        if r.draining and r.deleted_s is None and not r.admitting and not r.engine.has_work():
             r.deleted_s = max(now, r.engine.busy_until)
 
     def _record_timeline(self, now: float) -> None:
@@ -333,9 +337,19 @@ class Cluster:
         )
         if tr.decode_leg and prefill_req is not None and tr.origin is not None:
             tr.origin.engine.release_held(prefill_req.request_id)
-        r.engine.add_request(req, now)
         tr.record.replica = r.replica_id
         r.in_flight += 1
+        overhead = self.latency.request_overhead_s
+        if overhead > 0:  # the pod's API server holds the request first; the engine keeps stepping meanwhile
+            r.admitting += 1
+            self._push(now + overhead, "admit", (r, req))
+        else:
+            self._admit(r, req, now)
+
+    def _admit(self, r: Replica, req: Request, now: float) -> None:
+        self._advance(r, now)
+        # arrival_time as vLLM's API server sets it (after HTTP), for finish listeners' engine-side TTFT
+        r.engine.add_request(req, now, arrival_time=req.arrival_time + self.latency.client_overhead_s)
         self._schedule_wake(r)
 
     def _sync(self, now: float) -> None:
@@ -344,7 +358,7 @@ class Cluster:
                 continue
             self._advance(r, now)
             e = r.engine
-            r.in_flight = e.num_running + e.num_waiting
+            r.in_flight = e.num_running + e.num_waiting + r.admitting
             r.synced_running, r.synced_waiting, r.synced_kv_usage = e.num_running, e.num_waiting, e.kv.usage
             self._maybe_delete(r, now)
 
@@ -384,6 +398,10 @@ class Cluster:
                 ev.payload.tick(now, self)  # type: ignore[attr-defined]
                 if now < horizon or self._busy(now, horizon, True):
                     self._push(now + ev.payload.interval_s, "control", ev.payload)  # type: ignore[attr-defined]
+            elif ev.kind == "admit":
+                r, req = ev.payload  # type: ignore[misc]
+                r.admitting -= 1
+                self._admit(r, req, now)
             elif ev.kind == "wake":
                 r = ev.payload
                 if r.deleted_s is None:  # type: ignore[union-attr]
@@ -416,7 +434,7 @@ class Cluster:
     def _busy(self, now: float, horizon: float, controlled: bool) -> bool:
         """Keep the clock running while engines work, or while a backlog can still be served: a replica is
         starting, or a controller may start one (for at most ``backlog_wait_s`` past the trace)."""
-        if any(r.engine.has_work() for r in self.replicas if r.deleted_s is None):
+        if any(r.admitting or r.engine.has_work() for r in self.replicas if r.deleted_s is None):
             return True
         if not any(self._backlog.values()):
             return False

@@ -93,7 +93,9 @@ class EngineCore:
         self.num_steps = 0
 
     # -- requests ------------------------------------------------------------------------------------------------
-    def add_request(self, req: Request, now: float) -> None:
+    def add_request(self, req: Request, now: float, *, arrival_time: float | None = None) -> None:
+        """Queue ``req`` at ``now``. ``arrival_time`` (default ``now``) is when the request reached the server, if
+        earlier: the API server's per-request overhead lies between the two, and TTFT counts from arrival."""
         if req.request_id in self.requests:
             raise ValueError(f"duplicate request id {req.request_id!r}")
         if req.max_tokens < 1:
@@ -107,7 +109,7 @@ class EngineCore:
             raise ValueError("prompt plus max_tokens exceeds the KV cache capacity")
         # Nothing computed so far can have started before this arrival (idle, or only waiting for KV pulls).
         self.busy_until = max(self.busy_until, now)
-        req.arrival_time = now
+        req.arrival_time = now if arrival_time is None else min(arrival_time, now)
         if isinstance(req.prompt_token_ids, SyntheticPrompt):
             req.block_hashes = req.prompt_token_ids.block_hashes(self.config.block_size)
         else:

@@ -93,6 +93,31 @@ class LatencyModel:
         kv = self.extra.get("kv_cache")
         return int(kv.get("block_size", default)) if isinstance(kv, dict) else default
 
+    def _fit_number(self, key: str) -> float:
+        fit = self.extra.get("fit")
+        return float(fit.get(key, 0.0)) if isinstance(fit, dict) else 0.0
+
+    @property
+    def ttft_overhead_s(self) -> float:
+        """Per-request time that the engine's own TTFT (vLLM's ``time_to_first_token`` histogram, counted from the
+        API server's ``arrival_time``) includes outside the engine step: input processing, the hand-over to the
+        engine core, output processing. From a fitted artifact's ``fit.ttft_overhead_s``; 0 where there is none."""
+        return self._fit_number("ttft_overhead_s")
+
+    @property
+    def client_overhead_s(self) -> float:
+        """What a client's TTFT adds on top of the engine's TTFT (HTTP, request parsing before ``arrival_time``,
+        streaming the first chunk back): ``fit.client_overhead_s``; 0 where there is none."""
+        return self._fit_number("client_overhead_s")
+
+    @property
+    def request_overhead_s(self) -> float:
+        """Everything a client's TTFT includes beyond engine steps and queueing: ``client_overhead_s`` plus
+        ``ttft_overhead_s``. Drivers delay each request's admission to the engine by this much, so TTFT includes it
+        and the engine keeps stepping other requests meanwhile (``simulator/server.py``, ``simulator/cluster.py``).
+        """
+        return self.client_overhead_s + self.ttft_overhead_s
+
     def kv_transfer_time(self, tokens: int) -> float:
         if tokens <= 0:
             return 0.0
@@ -192,6 +217,9 @@ def latency_model_from_dict(d: Any) -> LatencyModel:
 def _validate_fit_section(model: LatencyModel) -> None:
     """Check the ``fit`` block of a fitted artifact (field-naming errors), on top of the step-time checks."""
     fit = model.extra.get("fit")
+    for key in ("ttft_overhead_s", "client_overhead_s"):
+        if isinstance(fit, dict) and key in fit:
+            _number(fit, key, "fit")
     if model.kind != "fitted":
         return
     if not isinstance(fit, dict):

@@ -135,9 +135,10 @@ class EngineRunner:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def submit(self, req: Request, stream: _Stream) -> None:
+    def submit(self, req: Request, stream: _Stream, arrived: float | None = None) -> None:
+        """Hand ``req`` to the engine now; ``arrived`` is when the server received it (TTFT counts from there)."""
         req.user = stream
-        self.engine.add_request(req, self.clock())
+        self.engine.add_request(req, self.clock(), arrival_time=arrived)
         if req.remote_prefill is not None:
             self._remote_pulls[req.request_id] = req
         self._wake.set()
@@ -554,6 +555,7 @@ class SimServer:
             return e.response()
         runner = self.runner
         assert runner is not None
+        arrived = runner.clock()
         stream = _Stream(req)
         log.debug("request %s prompt_hash=%s tokens=%d", req.request_id, _prompt_hash(p.prompt_token_ids),
                   req.num_prompt_tokens)  # fmt: skip
@@ -561,8 +563,8 @@ class SimServer:
             self.metrics.running_loras[p.lora_name] = self.metrics.running_loras.get(p.lora_name, 0) + 1
         try:
             if p.stream:
-                return await self._stream(request, p, req, stream)
-            runner.submit(req, stream)
+                return await self._stream(request, p, req, stream, arrived)
+            runner.submit(req, stream, await self._api_overhead(arrived))
             await stream.done
             return self._complete(p, req)
         finally:
@@ -570,6 +572,16 @@ class SimServer:
                 runner.abort(req)
             if p.lora_name:
                 self.metrics.running_loras[p.lora_name] -= 1
+
+    async def _api_overhead(self, received: float) -> float:
+        """The latency model's per-request time outside the engine step (vLLM's API server: HTTP, input and output
+        processing). It delays the request's admission to the engine, so it adds to TTFT without occupying the
+        engine loop, which keeps stepping other requests meanwhile. Returns the request's ``arrival_time`` as vLLM
+        sets it (after the client-side part), from which this server's TTFT histogram counts, as vLLM's does."""
+        lat = self.engine.latency
+        if lat.request_overhead_s > 0:
+            await asyncio.sleep(lat.request_overhead_s)
+        return received + lat.client_overhead_s
 
     def _usage(self, req: Request) -> dict[str, Any]:
         return {
@@ -605,7 +617,7 @@ class SimServer:
         return web.json_response(body, dumps=_dumps)
 
     async def _stream(
-        self, request: web.Request, p: ParsedRequest, req: Request, stream: _Stream
+        self, request: web.Request, p: ParsedRequest, req: Request, stream: _Stream, arrived: float
     ) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
                                            "Cache-Control": "no-cache"})  # fmt: skip
@@ -657,7 +669,7 @@ class SimServer:
             runner.record_lateness(scheduled)
 
         stream.sink = sink
-        runner.submit(req, stream)
+        runner.submit(req, stream, await self._api_overhead(arrived))
         await stream.done
         if stream.disconnected:
             log.debug("client of %s went away", req.request_id)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kvscale.engine_stats import EngineStats, HistogramSnapshot
 from predictor.capacity import (
     SLO,
     CapacityCache,
@@ -23,7 +24,7 @@ from predictor.capacity import (
 from predictor.dataset import DatasetError, read_requests, request_row, write_manifest, write_point
 from predictor.fit import FitError, fit_profile, out_of_range
 from predictor.importer import ImportError_, import_results
-from predictor.profiler import ProfileConfig, build_points
+from predictor.profiler import ProfileConfig, build_points, steady_decode_window
 from simulator.latency import LatencyModelError, latency_model_from_dict, load_latency_model, prefill_attn_term
 from tests.unit.models_for_tests import LAT
 
@@ -266,3 +267,62 @@ def test_import_refuses_files_without_per_request_detail(tmp_path: Path) -> None
     with pytest.raises(ImportError_, match="'input_lens' has 5 entries"):
         import_results([h], tmp_path / "p")
     assert not (tmp_path / "p").exists()  # nothing half-imported
+
+
+# -- engine-side statistics --------------------------------------------------------------------------------------
+
+
+def _hist(values: list[float]) -> HistogramSnapshot:
+    return HistogramSnapshot(((0.01, float(len(values))), (math.inf, float(len(values)))), sum(values), len(values))
+
+
+def _stats(ttfts: list[float], itls: list[float], running: int, waiting: int, generated: float) -> EngineStats:
+    return EngineStats(engine="vllm", at=0.0, running=running, waiting=waiting, kv_usage=0.0,
+                       generation_tokens_total=generated, ttft=_hist(ttfts), itl=_hist(itls))  # fmt: skip
+
+
+def test_steady_decode_window_needs_every_stream_decoding_throughout() -> None:
+    start = _stats([0.1] * 5, [0.004] * 40, 0, 0, 100.0)
+    a = _stats([0.1] * 5 + [0.02] * 4, [0.004] * 40 + [0.009] * 12, 4, 0, 100.0 + 4 * 4)  # 4 first tokens, mixed gaps
+    z = _stats([0.1] * 5 + [0.02] * 4, [0.004] * 40 + [0.009] * 12 + [0.005] * 80, 4, 0, 116.0 + 80)
+    w = steady_decode_window(start, a, z, batch=4, isl=256)
+    assert w is not None and w["itl_count"] == 80 and w["itl_mean_s"] == pytest.approx(0.005)
+    assert w["context_tokens"] == pytest.approx(4 * 256 + (16 + 96) / 2)
+    # not all prefills done at the first snapshot; someone finished (or waits) at the second: no window
+    assert steady_decode_window(start, _stats([0.1] * 8, [], 3, 1, 110.0), z, batch=4, isl=256) is None
+    assert steady_decode_window(start, a, _stats([0.1] * 9, [0.004] * 132, 3, 0, 196.0), batch=4, isl=256) is None
+
+
+def test_fit_uses_robust_engine_side_statistics(tmp_path: Path) -> None:
+    """Per-request engine TTFTs and per-round steady decode windows, with one stalled request or round per point
+    (the shared machine's scheduler), recover the model; client timings and per-point means would not."""
+    synthetic_profile(tmp_path, noise=0.0)
+    osl = 32
+    for f in (tmp_path / "points").glob("*.parquet"):
+        pid = f.stem
+        rows = read_requests(tmp_path).query("point_id == @pid")
+        if pid.startswith("decode"):
+            b, ctx = int(rows.concurrency.iat[0]), int(rows.isl_target.iat[0])
+            windows = []
+            for k, stall in enumerate((1.0, 3.0, 1.0)):  # the second round was slowed 3x
+                context = b * ctx + (b * (2 + k) + b * (20 + k)) / 2
+                windows.append({"itl_mean_s": LAT.decode_step_time(b, round(context)) * stall, "itl_count": 18 * b,
+                                "batch": b, "context_tokens": context})  # fmt: skip
+            stats = {"engine_itl_mean_s": 1.0, "engine_steady_decode": windows}  # mean: polluted by prefills
+        else:
+            n, c = int(rows.prompt_tokens.iat[0] - rows.cached_tokens.iat[0]), int(rows.cached_tokens.iat[0])
+            truth = 0.002 + LAT.prefill_time(n, c)
+            stats = {"engine_ttft_mean_s": 1.0, "engine_ttft_s": [truth, truth, 5 * truth, truth]}
+        corrupted = [{**r, "ttft_s": r["ttft_s"] * 1.5, "e2e_s": r["ttft_s"] * 1.5} for r in rows.to_dict("records")]
+        write_point(tmp_path, pid, corrupted, [], stats)
+    model, obs = fit_profile(tmp_path)
+    c, t = model.coefficients, LAT.coefficients
+    assert c.per_prefill_token_s == pytest.approx(t.per_prefill_token_s, rel=0.02)
+    assert c.per_decode_seq_s == pytest.approx(t.per_decode_seq_s, rel=0.05)
+    assert c.per_decode_ctx_s == pytest.approx(t.per_decode_ctx_s, rel=0.05)
+    assert model.extra["fit"]["ttft_overhead_s"] == pytest.approx(0.002, rel=0.05)
+    # clients saw 1.5x the engine's TTFT: the median gap is what sim serve adds for them
+    pre = obs.meta[obs.meta.kind == "prefill"]
+    assert model.extra["fit"]["client_overhead_s"] == pytest.approx(float(np.median(pre.y * 0.5)), rel=1e-6)
+    assert set(obs.meta.source) == {"engine-median", "engine-steady"} and osl == 32
+    assert model.extra["fit"]["validation"]["itl"]["mape"] < 0.01
