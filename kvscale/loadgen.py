@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,9 +39,11 @@ async def stream_completion(
     chat: bool = False,
     timeout_s: float = 300.0,
     headers: Mapping[str, str] | None = None,
+    on_chunk: Callable[[], None] | None = None,
 ) -> Sample:
     """POST a streaming (chat) completion with usage and time every chunk. An error event in the stream (vLLM's
-    ``data: {"error": ...}`` after a mid-stream failure) makes the sample a failure with that error."""
+    ``data: {"error": ...}`` after a mid-stream failure) makes the sample a failure with that error. ``on_chunk``
+    is called as each content chunk arrives (e.g. to follow a stream's progress while it runs)."""
     url = f"{base_url.rstrip('/')}/v1/{'chat/completions' if chat else 'completions'}"
     payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -72,6 +74,8 @@ async def stream_completion(
                     else:
                         sample.itls_s.append(now - last)
                     last = now
+                    if on_chunk is not None:
+                        on_chunk()
                 usage = chunk.get("usage")
                 if usage:
                     sample.prompt_tokens = usage.get("prompt_tokens", 0)

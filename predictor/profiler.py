@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime as dt
-import json
 import math
 import platform
 import random
@@ -259,49 +258,6 @@ def _all_prefilled(start: EngineStats, now: EngineStats, batch: int, isl: int) -
     return (now.ttft - start.ttft).count >= batch or now.prompt_tokens_total - start.prompt_tokens_total >= batch * isl
 
 
-async def stream_counted(
-    session: aiohttp.ClientSession, base_url: str, body: dict[str, Any], seen: list[int], i: int, *, timeout_s: float
-) -> Sample:
-    """Like :func:`kvscale.loadgen.stream_completion` (same Sample), also counting the content chunks of stream
-    ``i`` in ``seen[i]`` as they arrive (a decode round bounds the engine's progress with them)."""
-    url = f"{base_url.rstrip('/')}/v1/completions"
-    payload = {**body, "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    sample = Sample(endpoint=base_url, ok=False, status=0)
-    last: float | None = None
-    try:
-        async with session.post(url, json=payload, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
-            sample.status = resp.status
-            if resp.status != 200:
-                sample.error = (await resp.text())[:500]
-                return sample
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:") or (data := line[5:].strip()) == b"[DONE]":
-                    continue
-                chunk = json.loads(data)
-                now = time.perf_counter()
-                if "error" in chunk:
-                    sample.error = str(chunk["error"])[:500]
-                    return sample
-                if chunk.get("choices"):
-                    if last is None:
-                        sample.ttft_s = now - t0
-                    else:
-                        sample.itls_s.append(now - last)
-                    last = now
-                    seen[i] += 1
-                if usage := chunk.get("usage"):
-                    sample.prompt_tokens = usage.get("prompt_tokens", 0)
-                    sample.completion_tokens = usage.get("completion_tokens", 0)
-                    sample.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-        sample.e2e_s = time.perf_counter() - t0
-        sample.ok = True
-    except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as e:
-        sample.error = f"{type(e).__name__}: {e}"
-    return sample
-
-
 class _Prompts:
     """Random token-id prompts; a fresh random start makes every prompt's first block unique.
 
@@ -463,7 +419,11 @@ class Profiler:
         async def one(i: int) -> None:
             start = time.perf_counter() - t0
             body = _body(self.cfg.model, self.prompts.make(point.isl), point.osl)
-            s = await stream_counted(session, url, body, seen, i, timeout_s=self.cfg.timeout_s)
+
+            def count(i: int = i) -> None:  # content chunks of stream i so far (bound the engine's progress)
+                seen[i] += 1
+
+            s = await stream_completion(session, url, body, timeout_s=self.cfg.timeout_s, on_chunk=count)
             rows.append(_row(point, s, start, False))
             done.set()  # the first stream to end closes the window
 

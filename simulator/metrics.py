@@ -169,9 +169,11 @@ class EngineMetrics:
     def observe_itl(self, seconds: float) -> None:
         self.itl.observe(seconds)
 
+    def observe_first_token(self, req: Request) -> None:
+        """Like vLLM, TTFT is observed when the first token is out, not when the request finishes."""
+        self.ttft.observe(req.first_token_time - req.arrival_time)
+
     def observe_finished(self, req: Request) -> None:
-        if req.first_token_time >= 0:
-            self.ttft.observe(req.first_token_time - req.arrival_time)
         self.e2e.observe(req.finish_time - req.arrival_time)
         if self.flavor != "vllm":
             return

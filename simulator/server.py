@@ -183,8 +183,10 @@ class EngineRunner:
         end = out.end
         for req, n in out.outputs:
             if n:
-                if req.num_output_tokens > 1:
+                if req.num_output_tokens > n:
                     self.metrics.observe_itl(itl)
+                elif req.first_token_time >= 0:
+                    self.metrics.observe_first_token(req)
                 sink = req.user.sink
                 if sink is not None:
                     sink(n, req.status.finished, end)
