@@ -175,18 +175,6 @@ def _router_main(argv: list[str]) -> int:
 def _scaler_main(argv: list[str]) -> int:
     from scaler.service import ScalerApp, ScalerService
 
-    path_holder: dict[str, Path] = {}
-
-    class DemoScalerService(ScalerService):
-        """The real scaler service; only its pod discovery reads the demo's pods file instead of the API server.
-
-        Overrides the private ``_discovery`` hook: ScalerService has no public discovery factory (reported)."""
-
-        def _discovery(self, s):  # type: ignore[no-untyped-def]
-            if s.pod_urls:
-                return super()._discovery(s)
-            return FilePods(path_holder["path"], s.pod_selector, s.metrics_path)
-
     p = argparse.ArgumentParser(prog="kvscale.demo_stack scaler")
     p.add_argument("--pods-file", required=True, type=Path)
     p.add_argument("--host", default="127.0.0.1")
@@ -195,8 +183,9 @@ def _scaler_main(argv: list[str]) -> int:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    path_holder["path"] = args.pods_file
-    app = ScalerApp(DemoScalerService(), host=args.host, grpc_port=args.port, metrics_port=args.metrics_port,
+    # The real scaler service; only its pod discovery reads the demo's pods file instead of the API server.
+    service = ScalerService(discovery_factory=lambda s: FilePods(args.pods_file, s.pod_selector, s.metrics_path))
+    app = ScalerApp(service, host=args.host, grpc_port=args.port, metrics_port=args.metrics_port,
                     grace_s=1.0)  # fmt: skip
     asyncio.run(app.run_forever())
     return 0

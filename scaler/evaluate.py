@@ -5,21 +5,27 @@ the same SLO and the same starting replica count; only who decides the replica c
 
 * ``kvscale``: :class:`~scaler.policy.ScalingPolicy` reading :class:`VirtualSource` signals (the same
   ``EngineStats`` → :class:`~scaler.signals.PodHistory` path as the live pod scraper) every signal interval;
-  KEDA's ``GetMetrics`` returns its desired count, target 1, ``AverageValue``.
-* ``kvscale-noforecast``: the same without the trend forecast (an ablation justifying the forecaster).
+  KEDA's ``GetMetrics`` returns its desired count, target 1, ``AverageValue``; the HPA runs with the ``behavior``
+  of the committed ScaledObject of the pool (``deploy/overlays/*/scaledobject*.yaml``, read at run time).
+* ``kvscale-hpa-default``: the same policy under the Kubernetes HPA defaults (300 s scale-down stabilization),
+  i.e. a ScaledObject without ``advanced.horizontalPodAutoscalerConfig``.
+* ``kvscale-noforecast``: ``kvscale`` without the trend forecast (an ablation justifying the forecaster).
 * ``static-peak``: the oracle's peak replica count, all the time.
 * ``keda-queue``: KEDA prometheus trigger on ``sum(vllm:num_requests_waiting)``, threshold 5, ``AverageValue``
-  (the vLLM production-stack tutorial's setting).
-* ``hpa-kv``: HPA on the pods' ``vllm:kv_cache_usage_perc``, average target 0.7.
+  (the vLLM production-stack tutorial's setting), HPA defaults.
+* ``hpa-kv``: HPA on the pods' ``vllm:kv_cache_usage_perc``, average target 0.7, HPA defaults.
 * ``oracle``: knows the future: per ``oracle_bucket_s`` bucket, the fewest replicas whose planned capacity (the
   same capacity model x targetUtilization) covers the demand that will arrive, started ``startup_s`` ahead; no HPA.
 
-KEDA + HPA emulation (all but static-peak and oracle): HPA sync every 15 s; ``AverageValue`` external metrics
-give ``ceil(metric / target)``, pods metrics ``ceil(ready x average / target)``; no change within the 0.1
-tolerance; scale-up limited to max(100 %, 4 pods) per sync (the HPA default policy); scale-down stabilization
-300 s (the HPA default: the highest recommendation of the window wins); min/max replicas. New pods serve after
-``startup_s``. KEDA's pollingInterval (15 s) only matters for activation from zero, which no policy uses here
-(min replicas 1).
+With every run comes ``reactive_bound``: an upper bound on the attainment of *any* reactive policy without
+standing headroom (:meth:`Evaluation.reactive_attainment_bound`), which shows where 99 % is out of reach because
+pods start ``startup_s`` after the demand that asks for them.
+
+KEDA + HPA emulation: :class:`scaler.hpa.Hpa` (HPA sync every 15 s, 0.1 tolerance, ``AverageValue`` →
+``ceil(metric / target)``, pods metrics → ``ceil(ready x average / target)``, behaviour stabilization windows and
+rate policies, min/max replicas); the HPA settings each policy ran under are part of the results. New pods serve
+after ``startup_s``. KEDA's pollingInterval only matters for activation from zero, which no policy uses here (min
+replicas 1).
 """
 
 from __future__ import annotations
@@ -30,7 +36,6 @@ import json
 import math
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from kvscale.engine_stats import EngineStats, HistogramSnapshot
+from scaler.hpa import Hpa, HpaBehavior, committed_behavior
 from scaler.metadata import ScalerSettings, parse_scaler_metadata
 from scaler.policy import CapacityView, ScalingPolicy
 from scaler.signals import PodHistory, PoolSignals, SignalError, SignalPending
@@ -50,7 +56,8 @@ from simulator.request import Request
 from simulator.scheduler import SchedulerConfig
 from simulator.workload import WORKLOADS, TraceRequest, build_trace
 
-POLICIES = ("kvscale", "kvscale-noforecast", "static-peak", "keda-queue", "hpa-kv", "oracle")
+POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast", "static-peak", "keda-queue", "hpa-kv", "oracle")
+KVSCALE_POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast")
 TRACES = ("diurnal", "step", "bursty", "poisson")
 TICK_S = 5.0
 
@@ -148,53 +155,6 @@ class VirtualSource:
 # KEDA + HPA
 
 
-@dataclass
-class Hpa:
-    """One HorizontalPodAutoscaler (as KEDA creates it) over one pool."""
-
-    pool: str
-    metric: Callable[[float], float | None]  # the metric value at a sync; None: the read failed (HPA holds)
-    target: float
-    kind: str = "external"  # external AverageValue (KEDA) | pods (average over ready pods)
-    min_replicas: int = 1
-    max_replicas: int = 64
-    tolerance: float = 0.1
-    sync_s: float = 15.0
-    down_stabilization_s: float = 300.0
-    spec: int = 1
-    last_sync: float = -math.inf
-    recs: deque = field(default_factory=deque)
-    events: int = 0
-
-    def sync(self, now: float, cluster: Cluster) -> None:
-        if now - self.last_sync < self.sync_s - 1e-9:
-            return
-        self.last_sync = now
-        m = self.metric(now)
-        if m is None:
-            return
-        current = self.spec
-        if self.kind == "external":
-            ratio = m / (self.target * current) if current > 0 else math.inf
-            proposal = math.ceil(m / self.target - 1e-9)
-        else:
-            ready = sum(1 for r in cluster.pool_replicas(self.pool) if r.serving(now))
-            ratio = m / self.target
-            proposal = math.ceil(ratio * ready - 1e-9)
-        if abs(1.0 - ratio) <= self.tolerance:
-            proposal = current
-        proposal = min(proposal, max(2 * current, current + 4))
-        proposal = min(max(proposal, self.min_replicas), self.max_replicas)
-        self.recs.append((now, proposal))
-        while self.recs and self.recs[0][0] < now - self.down_stabilization_s:
-            self.recs.popleft()
-        desired = proposal if proposal >= current else min(current, max(p for _, p in self.recs))
-        if desired != current:
-            self.spec = desired
-            self.events += 1
-            cluster.set_replicas(self.pool, desired, now)
-
-
 class HpaController:
     """Cluster controller: per tick, update metric producers (e.g. the kvscale policy), then the HPAs."""
 
@@ -242,16 +202,29 @@ class KvscaleProducer:
 
 
 class OracleController:
-    """Sets each pool to the most replicas needed over [t, t + startup + bucket] (future knowledge)."""
+    """Sets each pool to the most replicas needed over [t, t + startup + bucket] (future knowledge).
+
+    With ``reaction_delay_s`` it is the *reactive* oracle instead: the same decisions, each made a cold start plus
+    ``reaction_delay_s`` late, i.e. at ``t`` it provides for the largest exact need over
+    ``[t - startup - delay, t - delay]``: demand already seen (a perfect, noise-free measurement one signal
+    interval old), no future knowledge; its pods serve a cold start after the demand arrived. It holds each need
+    for a cold start, so it is generous on attainment: an upper bound for reactive policies without standing
+    headroom.
+    """
 
     interval_s = TICK_S
 
-    def __init__(self, schedules: dict[str, np.ndarray], bucket_s: float, startup_s: float) -> None:
+    def __init__(
+        self, schedules: dict[str, np.ndarray], bucket_s: float, startup_s: float, reaction_delay_s: float | None = None
+    ) -> None:
         self.schedules, self.bucket_s, self.startup_s = schedules, bucket_s, startup_s
+        self.reaction_delay_s = reaction_delay_s
         self.events = 0
 
     def target(self, pool: str, now: float) -> int:
         sched = self.schedules[pool]
+        if self.reaction_delay_s is not None:
+            now = max(0.0, now - self.startup_s - TICK_S - self.reaction_delay_s)
         i0 = int(now // self.bucket_s)
         i1 = int((now + self.startup_s + TICK_S) // self.bucket_s) + 1
         window = sched[min(i0, len(sched) - 1) : max(min(i1, len(sched)), min(i0, len(sched) - 1) + 1)]
@@ -288,6 +261,7 @@ class EvalConfig:
     policies: tuple[str, ...] = POLICIES
     max_replicas: int = 64
     metadata: dict[str, str] = field(default_factory=dict)  # extra scalerMetadata for kvscale
+    kvscale_hpa: str = "committed"  # committed: the ScaledObject's HPA behaviour | default: Kubernetes defaults
 
     def pool_names(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.pools == "pd" else ("aggregated",)
@@ -318,7 +292,12 @@ class Evaluation:
         unknown = set(cfg.policies) - set(POLICIES)
         if unknown:
             raise ValueError(f"--policies: unknown {sorted(unknown)}; valid: {', '.join(POLICIES)}")
+        if cfg.kvscale_hpa not in ("committed", "default"):
+            raise ValueError(f"--kvscale-hpa: expected committed or default, got {cfg.kvscale_hpa!r}")
         self.cfg = cfg
+        self._committed: dict[str, HpaBehavior] = {}
+        if cfg.kvscale_hpa == "committed" and {"kvscale", "kvscale-noforecast"} & set(cfg.policies):
+            self._committed = {p: committed_behavior(p) for p in cfg.pool_names()}
         self.model: LatencyModel = load_latency_model(cfg.latency_model)
         self.spec = WORKLOADS[cfg.workload]
         self.max_model_len = self.spec.max_input_len + self.spec.max_output_len
@@ -410,16 +389,18 @@ class Evaluation:
         init = self.initial()
         cluster = self._cluster(init)
         controller: HpaController | OracleController
+        behaviors = self.hpa_behaviors(name)
         if name == "oracle":
             controller = OracleController(self.schedules, cfg.oracle_bucket_s, cfg.startup_s)
-        elif name in ("kvscale", "kvscale-noforecast"):
+        elif name in KVSCALE_POLICIES:
             producers = []
             hpas = []
             for p in pools:
-                policy = ScalingPolicy(self.settings[p], self.model, forecast=name == "kvscale")
+                policy = ScalingPolicy(self.settings[p], self.model, forecast=name != "kvscale-noforecast")
                 prod = KvscaleProducer(policy, VirtualSource(cluster, p, self.settings[p], self.max_model_len), cluster)
                 producers.append(prod)
-                hpas.append(Hpa(p, prod.metric, 1.0, spec=init[p], max_replicas=cfg.max_replicas))
+                hpas.append(Hpa(p, prod.metric, 1.0, behavior=behaviors[p] or HpaBehavior(), spec=init[p],
+                                max_replicas=cfg.max_replicas))  # fmt: skip
 
             def before(now: float) -> None:
                 for prod in producers:
@@ -428,19 +409,84 @@ class Evaluation:
             controller = HpaController(hpas, before)
         elif name == "keda-queue":
             hpas = [
-                Hpa(p, self._sum_waiting(cluster, p), 5.0, spec=init[p], max_replicas=cfg.max_replicas) for p in pools
-            ]
+                Hpa(p, self._sum_waiting(cluster, p), 5.0, behavior=behaviors[p] or HpaBehavior(), spec=init[p],
+                    max_replicas=cfg.max_replicas)
+                for p in pools
+            ]  # fmt: skip
             controller = HpaController(hpas)
         elif name == "hpa-kv":
             hpas = [
-                Hpa(p, self._avg_kv(cluster, p), 0.7, kind="pods", spec=init[p], max_replicas=cfg.max_replicas)
+                Hpa(p, self._avg_kv(cluster, p), 0.7, kind="pods", behavior=behaviors[p] or HpaBehavior(), spec=init[p],
+                    max_replicas=cfg.max_replicas, ready=self._ready(cluster, p))
                 for p in pools
-            ]
+            ]  # fmt: skip
             controller = HpaController(hpas)
         else:
             raise ValueError(f"unknown policy {name!r}")
         result = cluster.run(self.trace, controller=controller)
         return result, controller.events, time.perf_counter() - t0
+
+    def hpa_behaviors(self, name: str) -> dict[str, HpaBehavior | None]:
+        """The HPA behaviour a policy runs under, per pool (None: no HPA). ``kvscale`` and ``kvscale-noforecast``
+        get the committed ScaledObject's (or ``EvalConfig.kvscale_hpa`` = "default": the Kubernetes defaults);
+        the baselines and ``kvscale-hpa-default`` the Kubernetes defaults, as their recipes set no behaviour."""
+        pools = self.cfg.pool_names()
+        if name in ("static-peak", "oracle"):
+            return dict.fromkeys(pools)
+        if name in ("kvscale", "kvscale-noforecast") and self.cfg.kvscale_hpa == "committed":
+            return {p: self._committed[p] for p in pools}
+        return {p: HpaBehavior() for p in pools}
+
+    def reactive_attainment_bound(self, grid_s: float = 1.0) -> float:
+        """Upper bound on the SLO attainment of any reactive policy without standing headroom.
+
+        Such a policy learns of demand one signal interval after it arrives, and its new pods serve a cold start
+        later. Give it every advantage: it asks exactly for the largest need seen over the last cold start
+        (:class:`OracleController` with ``reaction_delay_s``); those replicas serve ``startup_s`` later and run at
+        the model's *full* capacity (no ``targetUtilization`` headroom); they form one perfectly balanced queue
+        that gives up at once on a request it cannot start within the TTFT SLO (no request waits behind a hopeless
+        one); only TTFT counts. A fluid queue over ``grid_s`` cells counts what fails. Per pool; the bound is the
+        lowest (a request needs every pool of its path). A forecaster can beat it on *predictable* load (a
+        diurnal ramp); on sudden steps and bursts it is what a cold start leaves reachable.
+        """
+        cfg = self.cfg
+        t = np.array([r.arrival_s for r in self.trace])
+        isl = np.array([r.input_len for r in self.trace], dtype=np.float64)
+        osl = np.array([r.output_len for r in self.trace], dtype=np.float64)
+        n = math.ceil(cfg.duration_s / grid_s) + 1
+        arrivals = np.bincount((t // grid_s).astype(np.int64), minlength=n).astype(np.float64)
+        b = cfg.oracle_bucket_s
+        bidx = (t // b).astype(np.int64)
+        cnt = np.bincount(bidx)
+        mean_isl = np.bincount(bidx, weights=isl) / np.maximum(cnt, 1)
+        mean_osl = np.bincount(bidx, weights=osl) / np.maximum(cnt, 1)
+        ttft = cfg.ttft_slo_ms / 1000.0
+        late = OracleController(self.schedules, b, cfg.startup_s,
+                                reaction_delay_s=next(iter(self.settings.values())).signal_interval_s)  # fmt: skip
+        bound = 1.0
+        for pool in cfg.pool_names():
+            util = self.settings[pool].target_utilization
+            q = failed = 0.0
+            for k in range(n):
+                now = k * grid_s
+                i = min(int(now // b), len(cnt) - 1)
+                per_rps = self._need(pool, 1.0, float(mean_isl[i] or isl.mean()), float(mean_osl[i] or osl.mean()))
+                serving = late.target(pool, max(0.0, now - cfg.startup_s))  # asked a cold start ago
+                cap_rps = serving / (per_rps * util) if per_rps > 0 else math.inf  # at full capacity
+                q += arrivals[k]
+                if q > cap_rps * ttft:  # what cannot start within the TTFT SLO fails, and is dropped
+                    failed += q - cap_rps * ttft
+                    q = cap_rps * ttft
+                q = max(0.0, q - cap_rps * grid_s)
+            bound = min(bound, 1.0 - float(failed) / len(self.trace))
+        return float(bound)
+
+    @staticmethod
+    def _ready(cluster: Cluster, pool: str) -> Callable[[float], int]:
+        def ready(now: float) -> int:
+            return sum(1 for r in cluster.pool_replicas(pool) if r.serving(now))
+
+        return ready
 
     @staticmethod
     def _sum_waiting(cluster: Cluster, pool: str) -> Callable[[float], float | None]:
@@ -483,6 +529,7 @@ class Evaluation:
             "slo": {"ttft_s": self.cfg.ttft_slo_ms / 1000, "itl_s": self.cfg.itl_slo_ms / 1000,
                     "percentile": self.cfg.slo_percentile},  # fmt: skip
             "policies": {},
+            "hpa": {},
             "timelines": {},
         }
         for name in self.cfg.policies:
@@ -490,9 +537,14 @@ class Evaluation:
             out["policies"][name] = self.summarize(result, events)
             out["policies"][name]["wall_s"] = wall
             out["timelines"][name] = _total_timeline(result, self.cfg.pool_names())
+            out["hpa"][name] = {p: b.describe() if b is not None else "no HPA (sets replicas directly)"
+                                for p, b in self.hpa_behaviors(name).items()}  # fmt: skip
             if progress:
                 progress(f"{name}: {wall:.1f}s wall")
         out["load"] = _load_series(self.trace, 60.0)
+        out["reactive_bound"] = {"slo_attainment": self.reactive_attainment_bound(),
+                                 "reaction_s": next(iter(self.settings.values())).signal_interval_s
+                                 + self.cfg.startup_s}  # fmt: skip
         return out
 
 
@@ -521,6 +573,10 @@ def goal_check(res: dict[str, Any]) -> dict[str, Any]:
     if k is None:
         return {}
     out: dict[str, Any] = {"attainment_ok": k["slo_attainment"] >= 0.99}
+    rb = res.get("reactive_bound")
+    if rb:
+        out["reactive_bound"] = rb["slo_attainment"]
+        out["reachable"] = bool(rb["slo_attainment"] >= 0.99)
     if "oracle" in pol:
         out["vs_oracle"] = k["gpu_hours"] / pol["oracle"]["gpu_hours"]
         out["oracle_ok"] = out["vs_oracle"] <= 1.10
@@ -552,9 +608,15 @@ def print_table(res: dict[str, Any], console: Any = None) -> None:
             f"{p['ttft_p99_s']:.3f}s", f"{p['itl_p90_s'] * 1000:.1f}ms", str(p["scale_events"]), f"{p['wall_s']:.1f}s",
         )  # fmt: skip
     console.print(table)
+    for name, pools in (res.get("hpa") or {}).items():
+        for pool, text in pools.items():
+            console.print(f"  HPA of {name} ({pool}): {text}", soft_wrap=True)
     g = res.get("goal") or {}
     if g:
         parts = [f"kvscale attainment >= 99%: {'yes' if g['attainment_ok'] else 'NO'}"]
+        if "reactive_bound" in g:
+            parts.append(f"reactive bound {g['reactive_bound'] * 100:.1f}%"
+                         + ("" if g["reachable"] else " (99% out of reach without standing headroom)"))  # fmt: skip
         if "vs_oracle" in g:
             parts.append(f"GPU-hours / oracle = {g['vs_oracle']:.3f} ({'ok' if g['oracle_ok'] else 'over 1.10'})")
         if "saving_vs_best_baseline" in g:
@@ -606,6 +668,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset")
     p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
                    help="extra scalerMetadata for kvscale (repeatable), e.g. stableWindowSeconds=120")  # fmt: skip
+    p.add_argument("--kvscale-hpa", default="committed", choices=("committed", "default"),
+                   help="HPA behaviour of kvscale: the committed ScaledObject's (deploy/overlays) or the Kubernetes "
+                        "defaults (kvscale-hpa-default always runs under the defaults)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG of load and replicas over time here")
 
@@ -623,6 +688,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         ttft_slo_ms=args.ttft_slo_ms, itl_slo_ms=args.itl_slo_ms, slo_percentile=args.slo_percentile,
         seed=args.seed, gpus_per_replica=args.gpus_per_replica,
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), metadata=md,
+        kvscale_hpa=args.kvscale_hpa,
     )  # fmt: skip
 
 
@@ -632,7 +698,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
     try:
         ev = Evaluation(config_from_args(args))
-    except (ValueError, MetadataError, LatencyModelError, OSError) as e:
+    except (ValueError, LookupError, MetadataError, LatencyModelError, OSError) as e:
         print(f"kvscale eval scaling: {e}", file=sys.stderr)
         return 2
     res = ev.run(progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))

@@ -19,24 +19,33 @@ from dataclasses import dataclass
 
 @dataclass
 class HoltForecaster:
+    """Holt level + damped trend, plus a plain exponential mean ``smoothed`` with the level's time constant.
+
+    ``smoothed`` is the trend-free estimate of the present: after a sudden drop Holt's level stays *below* the new
+    value for minutes (the negative trend keeps pulling its prediction down), so a planner should not size below
+    ``smoothed``: ``max(smoothed, forecast(h))`` anticipates a rise and never undershoots after a fall.
+    """
+
     level_tau_s: float = 20.0
     trend_tau_s: float = 120.0
     damping_tau_s: float = 90.0
     level: float | None = None
     trend: float = 0.0
+    smoothed: float | None = None
     last_t: float | None = None
 
     def update(self, t: float, value: float) -> None:
         if not math.isfinite(value):
             raise ValueError(f"cannot smooth a non-finite value {value!r}")
-        if self.level is None or self.last_t is None:
-            self.level, self.last_t = value, t
+        if self.level is None or self.last_t is None or self.smoothed is None:
+            self.level, self.smoothed, self.last_t = value, value, t
             return
         dt = t - self.last_t
         if dt <= 0:
             return
         a = 1.0 - math.exp(-dt / self.level_tau_s)
         b = 1.0 - math.exp(-dt / self.trend_tau_s)
+        self.smoothed += a * (value - self.smoothed)
         predicted = self.level + self.trend * dt
         new_level = predicted + a * (value - predicted)
         self.trend = self.trend + b * ((new_level - self.level) / dt - self.trend)

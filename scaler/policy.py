@@ -9,8 +9,9 @@ Per decision (every signal interval):
    TTFT at the percentile ≤ SLO (M/D/1), decode tokens/s at the largest batch whose step meets the ITL SLO at the
    observed context, or the mixed requests/s of an aggregated replica. Divided by a bounded, smoothed
    observed/predicted latency correction (the model may be optimistic or pessimistic for this deployment).
-3. **need** = demand ÷ capacity, plus corrections: a sustained queue must drain within the TTFT budget; KV usage
-   above ``kvUsageThreshold`` asks for ``ready x usage ÷ threshold`` replicas.
+3. **need** = demand ÷ capacity, plus corrections: a sustained, non-shrinking queue must drain within the TTFT
+   budget plus the cold start with the planned (ready + starting) replicas; KV usage above ``kvUsageThreshold``
+   asks for ``ready x usage ÷ threshold`` replicas. Demand is planned at ``max(smoothed rate, forecast)``.
 4. **Stability**: scale up at once (at most ``maxScaleUpRate`` x per decision), or in *panic* (need on the latest
    interval ≥ ``panicThreshold`` x ready) to the latest need without waiting for the smoother; scale down only
    when the stable window is covered, to the largest need seen in it, at most ÷ ``maxScaleDownRate``, and only
@@ -225,7 +226,8 @@ class ScalingPolicy:
             return self.pending(now, base)
 
         self.forecaster.update(now, sig.arrival_rate)
-        level = self.forecaster.level or 0.0
+        # plan for the forecast over the cold start, never below the smoothed present (see HoltForecaster)
+        level = self.forecaster.smoothed or 0.0
         rate_fc = max(level, self.forecaster.forecast(s.startup_s)) if self.use_forecast else level
         per_replica_rate = sig.arrival_rate / max(ready, 1)
         pred_ttft, pred_itl = self._predict(sig, per_replica_rate)
@@ -247,21 +249,25 @@ class ScalingPolicy:
             need = self._units(rate_fc) / cap
             need_now = self._units(sig.arrival_rate) / cap
 
-        # A sustained queue (present at every read of the panic window) must drain within the TTFT budget (plus
-        # the cold start, since added replicas serve only after it): what the spare capacity of the ready replicas
-        # cannot drain in that time asks for more replicas. (A queue the spare capacity absorbs is the normal
-        # queueing the capacity model already counts.)
+        # A sustained queue (present at every read of the panic window, and not shrinking over it) must drain
+        # within the TTFT budget plus the cold start (added replicas serve only after it): what the spare capacity
+        # of the *planned* replicas (ready + starting: they serve within that horizon) cannot drain in that time
+        # asks for more replicas. A queue the spare capacity absorbs is the normal queueing the capacity model
+        # already counts; a shrinking one is being drained (more replicas would not take requests already queued
+        # in an engine, and counting ready replicas only would re-ask for pods already starting).
         self._waiting.append((now, sig.waiting))
         while len(self._waiting) > 2 and self._waiting[1][0] <= now - s.panic_window_s:
             self._waiting.popleft()
         sustained = min(w for _, w in self._waiting) if len(self._waiting) >= 2 else 0.0
+        if sustained > 0 and self._waiting[-1][1] < self._waiting[0][1]:
+            sustained = 0.0  # draining
+        planned = max(ready, base)
         if sustained > 0 and cap > 0:
+            spare = max(0.0, planned - need_now)  # replicas' worth of capacity not used by the arrivals
             if s.pool == "decode":  # decode admission is bounded by batch slots, not by a token rate
                 batch = max(self.capacity.decode_batch(self._isl or 1.0, self._osl or 1.0), 1)
-                q_need = max(0.0, sustained / batch - max(0.0, ready - need_now))
+                q_need = max(0.0, sustained / batch - spare)
             else:
-                spare = max(0.0, ready - need_now)  # replicas' worth of capacity not used by the arrivals
-                # replicas asked for now serve after the cold start, so the drain horizon is TTFT budget + startup
                 q_need = max(0.0, self._units(sustained) / (cap * (s.ttft_slo_s + s.startup_s)) - spare)
             if q_need > 0:
                 need += q_need
@@ -273,10 +279,6 @@ class ScalingPolicy:
             if kv_need > need:
                 need, reason = kv_need, "kv-cache"
             need_now = max(need_now, kv_need)
-
-        self._needs.append((now, need, kv_load))
-        while self._needs and self._needs[0][0] < now - s.stable_window_s:
-            self._needs.popleft()
 
         inputs = {
             "arrival_rate": sig.arrival_rate,
@@ -315,9 +317,13 @@ class ScalingPolicy:
         counted = sum(c for _, _, c in self._now_needs)
         margin = max(FAST_PATH_MARGIN, 1.0 + 3.0 / math.sqrt(max(counted, 1.0)))
         target = math.ceil(need - 1e-9)
+        held = need  # what the stable window remembers of this decision
         if short > margin * need and math.ceil(short - 1e-9) > target:
             target = math.ceil(short - 1e-9)
-            reason = "scale-up" if reason == "scale-up" else reason
+            held = short  # the fast path's need: a scale-down must not undo it while the smoother still lags
+        self._needs.append((now, held, kv_load))
+        while self._needs and self._needs[0][0] < now - s.stable_window_s:
+            self._needs.popleft()
         if ready > 0 and need_now >= s.panic_threshold * ready:
             self.panic_until = now + s.stable_window_s
             reason = "panic"

@@ -19,9 +19,11 @@ import logging
 import math
 import signal
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -139,6 +141,9 @@ class Tracker:
         self.decision: Decision | None = None
         self.last_error: str | None = None
         self.last_call = clock()
+        self.ref_blob = b""  # the ScaledObjectRef last seen, serialized (the RPC fast path)
+        # the loop's phase within the signal interval: spreads the scrapes of many ScaledObjects evenly
+        self.phase_s = zlib.crc32(f"{key[0]}/{key[1]}".encode()) / 2**32 * settings.signal_interval_s
         self.task: asyncio.Task | None = None
         self._changed = asyncio.Condition()
 
@@ -177,7 +182,7 @@ class ServeOptions:
 
 
 class ScalerService:
-    """Trackers by ScaledObject, the decision loops, and the metrics. Create with :func:`create_service`."""
+    """Trackers by ScaledObject, the decision loops, and the metrics (served by :class:`ScalerApp`)."""
 
     def __init__(
         self,
@@ -187,8 +192,15 @@ class ScalerService:
         options: ServeOptions | None = None,
         discovery_factory: Callable[[ScalerSettings], PodDiscovery] | None = None,
     ) -> None:
-        """``discovery_factory`` replaces Kubernetes discovery for pods mode without ``podUrls`` (tests, or
-        deployments outside Kubernetes that keep their own pod list)."""
+        """``clock``: monotonic seconds (decision times, expiry). ``kube_api_client``: the Kubernetes client for pod
+        discovery (default: in-cluster config, else kubeconfig). ``options``: signal timeout and expiry.
+
+        ``discovery_factory`` is the public hook for another pod-discovery source: called once per ScaledObject in
+        pods mode without ``podUrls`` (``podUrls`` always wins) with its validated :class:`ScalerSettings`
+        (``pod_selector``, ``pod_namespace``, ``metrics_port``, ``metrics_path``), it returns a
+        :class:`~scaler.discovery.PodDiscovery` (``urls() -> list[str] | None``: the metrics URLs of the ready
+        pods, None when unknown, which holds the decision; ``close()``). Default: Kubernetes list + watch. For
+        tests, the local demo (pods listed in a file) or pods outside Kubernetes."""
         self.clock = clock
         self.kube_api_client = kube_api_client
         self.discovery_factory = discovery_factory
@@ -243,9 +255,15 @@ class ScalerService:
 
     def tracker(self, ref: pb.ScaledObjectRef) -> Tracker:
         """The tracker of a ScaledObject, registered (and its loop started) on first sight."""
-        s = self.settings(ref)
         key = (ref.namespace or "default", ref.name)
         tr = self.trackers.get(key)
+        # Fast path (every KEDA poll): the same ref as last time, compared as its deterministic serialization
+        # (one C call) instead of re-sorting and re-validating the metadata map.
+        blob = ref.SerializeToString(deterministic=True)
+        if tr is not None and tr.ref_blob == blob:
+            tr.last_call = self.clock()
+            return tr
+        s = self.settings(ref)
         if tr is not None and tr.settings != s:  # the ScaledObject was edited
             self._schedule_drop(key)
             tr = None
@@ -268,6 +286,7 @@ class ScalerService:
             tr.task = asyncio.create_task(self._loop(tr), name=f"kvscale-scaler-{key[0]}/{key[1]}")
             self.metrics.trackers.set(len(self.trackers))
             log.info("tracking %s/%s: pool=%s model=%s source=%s", *key, s.pool, s.model, s.metrics_source)
+        tr.ref_blob = blob
         tr.last_call = self.clock()
         return tr
 
@@ -334,9 +353,24 @@ class ScalerService:
                 self.metrics.errors.labels(*tr.labels).inc()
                 d = tr.policy.hold(self.clock(), "internal error", tr.current())
                 await tr.publish(d)
-            # a pending read (no rate yet) is retried soon, so the first decision comes after ~1 s, not an interval
-            wait = min(1.0, interval) if tr.last_error and d.reason == "hold-no-data" else interval
-            await asyncio.sleep(max(0.0, wait - (self.clock() - started)))
+            now = self.clock()
+            if tr.last_error and d.reason == "hold-no-data":
+                # a pending read (no rate yet) is retried soon: the first decision comes after ~1 s, not an interval
+                wait = min(1.0, interval) - (now - started)
+            else:
+                wait = _next_tick(now, interval, tr.phase_s) - now
+            await asyncio.sleep(max(0.0, wait))
+
+
+def _next_tick(now: float, interval: float, phase: float) -> float:
+    """The next time on the grid ``phase + k x interval`` at least half an interval away.
+
+    Each ScaledObject's loop runs on its own phase (from a hash of its key), so 20 ScaledObjects registered
+    together do not scrape and parse all at once every interval: bursts of parsing would delay the gRPC answers
+    that share the event loop. After the first decision the gap is between 0.5 and 1.5 intervals, then exact."""
+    k = math.floor((now - phase) / interval) + 1
+    nxt = phase + k * interval
+    return nxt + interval if nxt - now < interval / 2 else nxt
 
 
 class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
@@ -344,6 +378,7 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
 
     def __init__(self, service: ScalerService) -> None:
         self.service = service
+        self._latency: dict[tuple[str, str], Any] = {}  # resolved histogram children: no label lookup per call
 
     async def _tracker(self, ref: pb.ScaledObjectRef, context: grpc.aio.ServicerContext) -> Tracker:
         try:
@@ -353,7 +388,10 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
             raise  # unreachable: abort raises
 
     def _observe(self, method: str, started: float, code: str) -> None:
-        self.service.metrics.rpc_latency.labels(method, code).observe(time.perf_counter() - started)
+        child = self._latency.get((method, code))
+        if child is None:
+            child = self._latency[(method, code)] = self.service.metrics.rpc_latency.labels(method, code)
+        child.observe(time.perf_counter() - started)
 
     async def IsActive(self, request: pb.ScaledObjectRef, context: grpc.aio.ServicerContext) -> pb.IsActiveResponse:
         t0 = time.perf_counter()

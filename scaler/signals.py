@@ -131,8 +131,12 @@ class PodHistory:
                 longs.append(window(h[0], h[-1]))
         if not shorts:
             raise SignalPending("first read of these pods: rates need a second read")
-        # Rates of the pods with a window stand for every discovered pod (new and failed pods included).
-        scale = len(reads) / len(shorts)
+        # Rates of the pods with a window also stand for pods that served in the last interval but failed to answer
+        # now (traffic is balanced). Not for new pods (first read): they served little or nothing of the interval;
+        # extrapolating to them would turn a scale-up into a phantom arrival spike (4 old + 12 new pods read 4x the
+        # real rate) and feed back into more scale-up.
+        known_failed = sum(1 for k in failed if self._hist.get(k))
+        scale = (len(shorts) + known_failed) / len(shorts)
         gauge_scale = len(reads) / len(ok)
         return PoolSignals(
             at=now,

@@ -91,7 +91,7 @@ class LoadStats:
 
 async def poisson_load(
     session: aiohttp.ClientSession,
-    pods: list[SimPod] | callable,  # type: ignore[valid-type]
+    pods: list[SimPod] | list[str] | callable,  # type: ignore[valid-type]
     rate: float,
     duration_s: float,
     *,
@@ -100,8 +100,8 @@ async def poisson_load(
     seed: int = 0,
     stats: LoadStats | None = None,
 ) -> LoadStats:
-    """Open-loop Poisson load, round-robin over the pods (``pods`` may be a callable returning the current
-    list, for a pool that scales while the load runs). Waits for every request to finish."""
+    """Open-loop Poisson load, round-robin over the pods (pods or base URLs; ``pods`` may be a callable returning
+    the current list, for a pool that scales while the load runs). Waits for every request to finish."""
     rng = random.Random(seed)
     stats = stats or LoadStats()
     tasks: list[asyncio.Task] = []
@@ -133,7 +133,7 @@ async def poisson_load(
         pod = current[i % len(current)]
         i += 1
         stats.sent += 1
-        tasks.append(asyncio.create_task(one(pod.url, i)))
+        tasks.append(asyncio.create_task(one(pod if isinstance(pod, str) else pod.url, i)))
     if tasks:
         await asyncio.gather(*tasks)
     return stats
@@ -273,3 +273,36 @@ async def pods(n: int, latency: LatencyModel | None = None) -> AsyncIterator[lis
         for p in started:
             with contextlib.suppress(Exception):
                 await p.stop()
+
+
+def load_main(argv: list[str] | None = None) -> int:
+    """``python -m scaler.testing load --urls URL[,URL] --rate R --duration S``: :func:`poisson_load` in a process
+    of its own (benchmarks keep the load generator off the scaler's and the pods' event loops)."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m scaler.testing load")
+    p.add_argument("--urls", required=True, help="comma-separated base URLs of the pods")
+    p.add_argument("--rate", type=float, required=True, help="mean requests per second (Poisson)")
+    p.add_argument("--duration", type=float, required=True, help="seconds of load")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    urls = [u.strip() for u in args.urls.split(",") if u.strip()]
+
+    async def main() -> LoadStats:
+        async with aiohttp.ClientSession() as session:
+            return await poisson_load(session, urls, args.rate, args.duration, seed=args.seed)
+
+    stats = asyncio.run(main())
+    print(json.dumps({"sent": stats.sent, "ok": stats.ok, "failed": stats.failed, "errors": stats.errors[:5]}),
+          flush=True)  # fmt: skip
+    return 0 if stats.failed == 0 else 1
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) < 2 or sys.argv[1] != "load":
+        print("usage: python -m scaler.testing load --urls URL[,URL] --rate R --duration S", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(load_main(sys.argv[2:]))
