@@ -191,6 +191,19 @@ class Hpa:
         removed = -sum(c for t, c in self.scale_events if t > now - period_s and c < 0)
         return added, removed
 
+    def _proposals(self, rules: Any, now: float, up: bool) -> list[int]:
+        """Each policy's bound on the new count, from the count at the start of its period (as the HPA computes)."""
+        current = self.spec
+        out = []
+        for p in rules.policies:
+            added, removed = self._changed(p.period_s, now)
+            start = current - added + removed
+            if p.type == "Pods":
+                out.append(start + p.value if up else start - p.value)
+            else:
+                out.append(math.ceil(start * (1 + p.value / 100)) if up else int(start * (1 - p.value / 100)))
+        return out
+
     def _limit(self, desired: int, now: float) -> int:
         current = self.spec
         if desired > current:
@@ -198,11 +211,7 @@ class Hpa:
             if rules.select == "Disabled":
                 limit = current
             else:
-                props = []
-                for p in rules.policies:
-                    added, removed = self._changed(p.period_s, now)
-                    start = current - added + removed
-                    props.append(start + p.value if p.type == "Pods" else math.ceil(start * (1 + p.value / 100)))
+                props = self._proposals(rules, now, up=True)
                 limit = max(props) if rules.select == "Max" else min(props)
             return min(desired, max(limit, current), self.max_replicas)
         if desired < current:
@@ -210,11 +219,7 @@ class Hpa:
             if rules.select == "Disabled":
                 limit = current
             else:
-                props = []
-                for p in rules.policies:
-                    added, removed = self._changed(p.period_s, now)
-                    start = current - added + removed
-                    props.append(start - p.value if p.type == "Pods" else int(start * (1 - p.value / 100)))
+                props = self._proposals(rules, now, up=False)
                 limit = min(props) if rules.select == "Max" else max(props)
             return max(desired, min(limit, current), self.min_replicas)
         return desired
