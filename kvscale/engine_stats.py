@@ -94,9 +94,7 @@ class EngineStats:
     prefix_hit_rate_gauge: float | None = None  # SGLang exports a gauge instead of counters
     ttft: HistogramSnapshot = HistogramSnapshot()
     itl: HistogramSnapshot = HistogramSnapshot()
-    e2e: HistogramSnapshot = HistogramSnapshot()
-    queue_time: HistogramSnapshot = HistogramSnapshot()
-    prompt_len: HistogramSnapshot = HistogramSnapshot()
+    prompt_len: HistogramSnapshot = HistogramSnapshot()  # sum and count only (the mean ISL): no buckets
     output_len: HistogramSnapshot = HistogramSnapshot()
     block_size: int | None = None
     num_gpu_blocks: int | None = None
@@ -173,8 +171,6 @@ _NAMES: dict[str, dict[str, tuple[str, ...]]] = {
         "prefix_hits_total": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
         "ttft": ("vllm:time_to_first_token_seconds",),
         "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
-        "e2e": ("vllm:e2e_request_latency_seconds",),
-        "queue_time": ("vllm:request_queue_time_seconds",),
         "prompt_len": ("vllm:request_prompt_tokens",),
         "output_len": ("vllm:request_generation_tokens",),
     },
@@ -188,23 +184,31 @@ _NAMES: dict[str, dict[str, tuple[str, ...]]] = {
         "prefix_hit_rate_gauge": ("sglang:cache_hit_rate",),
         "ttft": ("sglang:time_to_first_token_seconds",),
         "itl": ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
-        "e2e": ("sglang:e2e_request_latency_seconds",),
-        "queue_time": ("sglang:queue_time_seconds",),
     },
 }
-_HISTOGRAMS = {"ttft", "itl", "e2e", "queue_time", "prompt_len", "output_len"}
+_HISTOGRAMS = ("ttft", "itl", "prompt_len", "output_len")
+_MEAN_ONLY = ("prompt_len", "output_len")  # only _sum and _count are read: their buckets are skipped
 _INFO = ("vllm:cache_config_info", "vllm:lora_requests_info")
-
-
 _LIGHT = {"running", "waiting", "kv_usage"}
 
 
-def _wanted_prefixes(engine: str, light: bool) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    names = [n for k, ns in _NAMES[engine].items() if not light or k in _LIGHT for n in ns] + list(_INFO)
-    return tuple(names), tuple(f"# TYPE {n}" for n in names)
-
-
-_WANTED = {(engine, light): _wanted_prefixes(engine, light) for engine in _NAMES for light in (False, True)}
+def _keep_prefixes(text: str, engine: str, light: bool) -> tuple[str, ...]:
+    """Line prefixes worth parsing: per quantity, the series of the first of its names that the page has (a vLLM
+    page exports both the new and the deprecated ITL histogram) and their ``# TYPE`` line, plus the info series.
+    Exact names: ``vllm:prompt_tokens`` must not also pull in ``vllm:prompt_tokens_cached_by_source_total``."""
+    keep: list[str] = [f"{n}{{" for n in _INFO] + [f"# TYPE {n} " for n in _INFO]
+    for key, names in _NAMES[engine].items():
+        if light and key not in _LIGHT:
+            continue
+        name = next((n for n in names if f"# TYPE {n}" in text), names[0])
+        if key in _HISTOGRAMS:
+            ends = ("_sum", "_count") if key in _MEAN_ONLY else ("_bucket", "_sum", "_count")
+        elif key.endswith("_total"):  # counters: prometheus_client exposes name_total
+            ends = ("_total{", "_total ")
+        else:
+            ends = ("{", " ")
+        keep += [name + e for e in ends] + [f"# TYPE {name} ", f"# TYPE {name}_total "]
+    return tuple(keep)
 
 
 def parse_metrics(text: str, at: float | None = None, light: bool = False) -> EngineStats:
@@ -218,9 +222,10 @@ def parse_metrics(text: str, at: float | None = None, light: bool = False) -> En
     """
     engine = "sglang" if "sglang:num_running_reqs" in text else "vllm"
     names = _NAMES[engine]
-    # Cheap pre-filter: the library parser is pure Python and a vLLM page is mostly series we never read.
-    series, types = _WANTED[(engine, light)]
-    lines = [ln for ln in text.splitlines() if ln.startswith(series) or ln.startswith(types)]
+    # Cheap pre-filter: the library parser is pure Python (~30 us a sample) and a vLLM page is mostly series we
+    # never read (other histograms, buckets of the length histograms).
+    keep = _keep_prefixes(text, engine, light)
+    lines = [ln for ln in text.splitlines() if ln.startswith(keep)]
     try:
         families = {f.name: f for f in text_string_to_metric_families("\n".join(lines) + "\n")}
     except Exception as exc:  # the library raises ValueError/TypeError/IndexError on malformed pages
@@ -297,19 +302,24 @@ def parse_metrics(text: str, at: float | None = None, light: bool = False) -> En
     )
 
 
-async def scrape(
-    session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0, light: bool = False
-) -> EngineStats:
-    """GET ``url`` (a pod's /metrics) and parse it; every failure is a ScrapeError naming the URL."""
+async def fetch_page(session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> str:
+    """GET ``url`` (a pod's /metrics) and return the page; every failure is a ScrapeError naming the URL."""
     try:
         async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout_s)) as resp:
             if resp.status != 200:
                 raise ScrapeError(f"{url}: HTTP {resp.status}")
-            text = await resp.text()
+            return await resp.text()
     except ScrapeError:
         raise
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise ScrapeError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+async def scrape(
+    session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0, light: bool = False
+) -> EngineStats:
+    """GET ``url`` (a pod's /metrics) and parse it; every failure is a ScrapeError naming the URL."""
+    text = await fetch_page(session, url, timeout_s)
     try:
         return parse_metrics(text, light=light)
     except ScrapeError as exc:

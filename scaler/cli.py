@@ -13,6 +13,16 @@ def _env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"KVSCALE_SCALER_{name}", default)
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {n}")
+    return n
+
+
 def serve_main(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -39,7 +49,8 @@ def serve_main(args: argparse.Namespace) -> int:
         cfg = client.Configuration()
         cfg.host = args.kube_api_server
         kube = client.ApiClient(cfg)
-    service = ScalerService(kube_api_client=kube, options=ServeOptions(expire_after_s=args.expire_after))
+    options = ServeOptions(expire_after_s=args.expire_after, parse_workers=args.parse_workers)
+    service = ScalerService(kube_api_client=kube, options=options)
     app = ScalerApp(
         service, host=args.host, grpc_port=args.port, metrics_port=args.metrics_port, tls=tls, grace_s=args.grace
     )
@@ -77,6 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help="Kubernetes API URL for discovery (default: in-cluster, else kubeconfig)")  # fmt: skip
     serve.add_argument("--expire-after", type=float, default=float(_env("EXPIRE_AFTER", "900") or 900),
                        help="stop tracking a ScaledObject after this many seconds without a call")  # fmt: skip
+    serve.add_argument("--parse-workers", type=_non_negative_int, default=_env("PARSE_WORKERS", "1"),
+                       help="processes that parse pods' metrics pages, off the gRPC event loop (0: on it)")  # fmt: skip
     serve.add_argument("--grace", type=float, default=5.0, help="graceful-shutdown time for in-flight RPCs (s)")
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     serve.set_defaults(func=serve_main)

@@ -38,7 +38,7 @@ from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.discovery import KubernetesPods, PodDiscovery, StaticPods
 from scaler.metadata import MetadataError, ScalerSettings, parse_scaler_metadata
 from scaler.policy import REASONS, Decision, ScalingPolicy
-from scaler.signals import PodScrapeSource, PrometheusSource, SignalError, SignalPending, SignalSource
+from scaler.signals import PageParser, PodScrapeSource, PrometheusSource, SignalError, SignalPending, SignalSource
 from simulator.latency import LatencyModel, load_latency_model
 
 log = logging.getLogger("kvscale.scaler")
@@ -179,6 +179,7 @@ class Tracker:
 class ServeOptions:
     signal_timeout_s: float | None = None
     expire_after_s: float = 900.0
+    parse_workers: int = 1  # processes parsing pods' metrics pages (0: on the event loop)
 
 
 class ScalerService:
@@ -193,7 +194,8 @@ class ScalerService:
         discovery_factory: Callable[[ScalerSettings], PodDiscovery] | None = None,
     ) -> None:
         """``clock``: monotonic seconds (decision times, expiry). ``kube_api_client``: the Kubernetes client for pod
-        discovery (default: in-cluster config, else kubeconfig). ``options``: signal timeout and expiry.
+        discovery (default: in-cluster config, else kubeconfig). ``options``: signal timeout, expiry,
+        metrics-parsing worker processes.
 
         ``discovery_factory`` is the public hook for another pod-discovery source: called once per ScaledObject in
         pods mode without ``podUrls`` (``podUrls`` always wins) with its validated :class:`ScalerSettings`
@@ -210,10 +212,12 @@ class ScalerService:
         self._settings_cache: dict[tuple, ScalerSettings] = {}
         self._models: dict[tuple[str, float], LatencyModel] = {}
         self.session: aiohttp.ClientSession | None = None
+        self.parser = PageParser(self.options.parse_workers)
         self._janitor: asyncio.Task | None = None
 
     async def start(self) -> None:
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=64))
+        self.parser.start()
         self._janitor = asyncio.create_task(self._expire_loop())
 
     async def stop(self) -> None:
@@ -223,6 +227,7 @@ class ScalerService:
             await self._drop(key)
         if self.session:
             await self.session.close()
+        self.parser.close()
 
     # -- registration --------------------------------------------------------------------------------------------
     def settings(self, ref: pb.ScaledObjectRef) -> ScalerSettings:
@@ -275,7 +280,8 @@ class ScalerService:
                 assert self.session is not None, "start() the service first"
                 discovery = self._discovery(s)
                 source: SignalSource = PodScrapeSource(
-                    discovery, self.session, s, timeout_s=self.options.signal_timeout_s, clock=self.clock
+                    discovery, self.session, s, timeout_s=self.options.signal_timeout_s, clock=self.clock,
+                    parser=self.parser,
                 )
             else:
                 source = PrometheusSource(s, clock=self.clock)
