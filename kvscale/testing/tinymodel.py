@@ -8,7 +8,11 @@
 * a random ``LlamaForCausalLM`` (hidden 256, 4 heads of dim 64, 2 KV heads, 2 layers) saved as bfloat16
   safetensors.
 
-The directory is finished with a marker file; a second call with the same seed returns at once.
+``size="small"`` builds a 41M-parameter sibling (hidden 768, 12 heads, 4 KV heads, 6 layers) with the same
+tokenizer, for measurements: the tiny model's vLLM CPU steps (1.5-3.5 ms) are mostly fixed per-step overhead and
+scheduling noise, the small model's (~20 ms) mostly compute, as on a GPU serving a real model.
+
+The directory is finished with a marker file; a second call with the same seed and size returns at once.
 """
 
 from __future__ import annotations
@@ -68,6 +72,15 @@ MODEL_CONFIG: dict[str, Any] = {
     "hidden_act": "silu",
     "tie_word_embeddings": False,
 }
+SMALL_MODEL_CONFIG: dict[str, Any] = {
+    **MODEL_CONFIG,
+    "hidden_size": 768,
+    "num_attention_heads": 12,
+    "num_key_value_heads": 4,
+    "num_hidden_layers": 6,
+    "intermediate_size": 2048,
+}
+SIZES: dict[str, dict[str, Any]] = {"tiny": MODEL_CONFIG, "small": SMALL_MODEL_CONFIG}
 DTYPE = "bfloat16"
 
 _WORDS_TEXT = (
@@ -110,13 +123,13 @@ def make_corpus(seed: int = 0, n_lines: int = 4000) -> list[str]:
     return lines
 
 
-def is_complete(out_dir: Path, seed: int = 0) -> bool:
-    """True if ``out_dir`` holds a finished model built by this version with ``seed``."""
+def is_complete(out_dir: Path, seed: int = 0, size: str = "tiny") -> bool:
+    """True if ``out_dir`` holds a finished model built by this version with ``seed`` and ``size``."""
     try:
         marker = json.loads((Path(out_dir) / MARKER).read_text())
     except (OSError, ValueError):
         return False
-    return marker.get("version") == MODEL_VERSION and marker.get("seed") == seed
+    return marker.get("version") == MODEL_VERSION and marker.get("seed") == seed and marker.get("size", "tiny") == size
 
 
 def _train_tokenizer(seed: int) -> Any:
@@ -151,7 +164,7 @@ def _train_tokenizer(seed: int) -> Any:
     return fast
 
 
-def _build_into(tmp: Path, seed: int) -> None:
+def _build_into(tmp: Path, seed: int, size: str) -> None:
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -167,7 +180,7 @@ def _build_into(tmp: Path, seed: int) -> None:
         bos_token_id=bos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
-        **MODEL_CONFIG,
+        **SIZES[size],
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(getattr(torch, DTYPE)).eval()
@@ -176,19 +189,21 @@ def _build_into(tmp: Path, seed: int) -> None:
     )
     model.save_pretrained(tmp, safe_serialization=True)
     (tmp / MARKER).write_text(
-        json.dumps({"version": MODEL_VERSION, "seed": seed, "dtype": DTYPE}, indent=2) + "\n"
+        json.dumps({"version": MODEL_VERSION, "seed": seed, "size": size, "dtype": DTYPE}, indent=2) + "\n"
     )
 
 
-def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
+def build_tiny_model(out_dir: Path, *, seed: int = 0, size: str = "tiny") -> Path:
     """Build the tiny model into ``out_dir`` (created; replaced if incomplete or stale) and return it.
 
     Idempotent: if ``out_dir`` already holds a complete model for this version and ``seed`` it is returned
     without touching it. The model is built in a sibling temporary directory and renamed into place, so a
     crash never leaves a half-written ``out_dir`` that looks complete.
     """
+    if size not in SIZES:
+        raise ValueError(f"unknown model size {size!r}; one of {', '.join(SIZES)}")
     out_dir = Path(out_dir)
-    if is_complete(out_dir, seed):
+    if is_complete(out_dir, seed, size):
         return out_dir
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -197,8 +212,8 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _build_into(tmp, seed)
-        if is_complete(out_dir, seed):  # another process finished first
+        _build_into(tmp, seed, size)
+        if is_complete(out_dir, seed, size):  # another process finished first
             return out_dir
         if out_dir.exists():
             stale = out_dir.parent / f".{out_dir.name}.stale-{os.getpid()}"
@@ -210,10 +225,13 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
     return out_dir
 
 
-def cached_tiny_model() -> Path:
+def cached_tiny_model(size: str = "tiny") -> Path:
     """The machine-wide tiny model, built on first use: ``$KVSCALE_TINY_MODEL_DIR`` or
-    ``<tmp>/kvscale-tiny-model/<MODEL_VERSION>`` (shared by the tests, the demo and the benchmarks)."""
+    ``<tmp>/kvscale-tiny-model/<MODEL_VERSION>`` (shared by the tests, the demo and the benchmarks); the small
+    one in ``<MODEL_VERSION>-small`` next to it."""
     import tempfile
 
     default = Path(tempfile.gettempdir()) / "kvscale-tiny-model" / MODEL_VERSION
-    return build_tiny_model(Path(os.environ.get("KVSCALE_TINY_MODEL_DIR", default)))
+    tiny = Path(os.environ.get("KVSCALE_TINY_MODEL_DIR", default))
+    out = tiny if size == "tiny" else tiny.with_name(f"{tiny.name}-{size}")
+    return build_tiny_model(out, size=size)

@@ -2,11 +2,15 @@
 
 * held-out MAPE / p90 error of TTFT and ITL on vLLM CPU, profiled and fitted in this run (goal <= 5% each);
 * simulator-with-fitted-model vs vLLM CPU under the same load: relative error of TTFT/ITL p50/p90 (goal <= 15%);
-* profiling wall time of the default grid on the simulator and on vLLM CPU.
+* profiling wall time of the default grid on the simulator and on vLLM CPU;
+* the same fidelity loop on the 41M-parameter "small" random model (``cached_tiny_model("small")``), whose vLLM CPU
+  steps are mostly compute (~20 ms) instead of the tiny model's fixed per-step overhead (1.5-3.5 ms), written to
+  bench-results/predictor_small_model.json.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -22,6 +26,14 @@ from tests.integration.conftest import tiny_model_dir, vllm_server  # noqa: F401
 from tests.integration.test_profiler import VLLM_GRID, _sim, fidelity_loop
 
 
+def _fidelity(fid: dict) -> dict:
+    out = {k: fid[k] for k in ("validation", "vllm", "sim", "relative_error", "profile_wall_s")}
+    fit = fid["artifact"]["fit"]
+    out["overheads_s"] = {k: fit.get(k, 0.0) for k in ("ttft_overhead_s", "client_overhead_s")}
+    out["coefficients"] = fid["artifact"]["step_time"]["coefficients"]
+    return out
+
+
 def _default_grid_wall(url: str, model: str, out: Path) -> tuple[float, int]:
     t0 = time.perf_counter()
     summary = run_profile(ProfileConfig(endpoints=[url], model=model, out=out))
@@ -34,13 +46,9 @@ def _default_grid_wall(url: str, model: str, out: Path) -> tuple[float, int]:
 def test_bench_predictor(record_bench, vllm_server, tmp_path: Path) -> None:  # noqa: F811
     results: dict = {}
     default_grid = os.environ.get("KVSCALE_BENCH_DEFAULT_GRID", "1") == "1"
-    fid = fidelity_loop(vllm_server, tmp_path / "fidelity", VLLM_GRID, rate=8.0, n=200)
-    results["fidelity"] = {k: fid[k] for k in ("validation", "vllm", "sim", "relative_error", "profile_wall_s")}
-    fit = fid["artifact"]["fit"]
-    results["fidelity"]["overheads_s"] = {k: fit.get(k, 0.0) for k in ("ttft_overhead_s", "client_overhead_s")}
-    results["fidelity"]["coefficients"] = fid["artifact"]["step_time"]["coefficients"]
+    results["fidelity"] = _fidelity(fidelity_loop(vllm_server, tmp_path / "fidelity", VLLM_GRID, rate=8.0, n=200))
     record_bench("predictor", results)
-    _table(results)
+    _table(results, "tiny model")
     if default_grid:
         wall, n = _default_grid_wall(vllm_server.url, vllm_server.model, tmp_path / "default-vllm")
         results["default_grid_vllm_cpu"] = {"wall_s": wall, "points": n}
@@ -52,13 +60,30 @@ def test_bench_predictor(record_bench, vllm_server, tmp_path: Path) -> None:  # 
         finally:
             proc.stop()
         record_bench("predictor", results)
-        _table(results)
+        _table(results, "tiny model")
 
 
-def _table(results: dict) -> None:
+@pytest.mark.timeout(1800)
+def test_bench_predictor_small_model(record_bench, tmp_path: Path) -> None:
+    """The fidelity loop on the small model: its own vLLM CPU server (the session's tiny-model server stays idle),
+    a lower load (4 req/s: a small-model replica serves ~10x less than a tiny one)."""
+    from kvscale.testing.tinymodel import cached_tiny_model
+    from kvscale.testing.vllm_server import start_vllm_cpu
 
+    model_dir = cached_tiny_model("small")
+    server = start_vllm_cpu(model_dir, log_path=tmp_path / "vllm-small.log", num_gpu_blocks=512)
+    try:
+        fid = fidelity_loop(server, tmp_path / "fidelity", VLLM_GRID, rate=4.0, n=120)
+    finally:
+        server.stop()
+    results = {"model": json.loads((model_dir / "config.json").read_text()), "fidelity": _fidelity(fid)}
+    record_bench("predictor_small_model", results)
+    _table(results, "small model (41M)")
+
+
+def _table(results: dict, model: str) -> None:
     v = results["fidelity"]["validation"]
-    t = Table(title="predictor: held-out error on vLLM CPU (goal <= 5%) and sim vs vLLM (goal <= 15%)")
+    t = Table(title=f"predictor, {model}: held-out error on vLLM CPU (goal <= 5%) and sim vs vLLM (goal <= 15%)")
     t.add_column("figure")
     t.add_column("value", justify="right")
     for kind in ("ttft", "itl"):
