@@ -410,7 +410,8 @@ class Profiler:
         one gains one token per step from at most ``min(g_a - (B - 1), c_max + g_a - sum(c))`` at ``a`` (``g_a``:
         tokens the engine generated in the round, ``c``: chunks each stream had received just before; every stream
         is at least as far on the engine as on the client). ``z`` is taken after 80% of the steps left to the
-        limit, timed with the ITL the engine reported so far (an overestimate: it counts the prefill-carrying steps).
+        limit, timed with the engine's mean ITL between ``a`` and one probe snapshot a poll later (pure decode steps;
+        without a usable probe, the round's mean so far, an overestimate that counts the prefill-carrying steps).
         """
         b = point.concurrency
         done = asyncio.Event()
@@ -450,7 +451,14 @@ class Profiler:
                 lead = min(g_a - (b - 1), max(client) + g_a - sum(client))
                 steps_left = point.osl - max(1, point.osl // 4) - lead
                 step_s = (a.itl - start.itl).mean or 0.0
-                if steps_left >= 2 and step_s > 0:
+                # The round's mean so far counts the prefill-carrying steps (with a 16 x 512-token prefill on a
+                # small CPU model, tens of decode steps each): time the window with one pure-decode probe.
+                await asyncio.sleep(self.cfg.decode_poll_s)
+                probe = None if done.is_set() else await self._engine_snapshot(session, url)
+                if probe is not None and (d := probe.itl - a.itl).count >= b and d.mean:
+                    step_s = d.mean
+                    steps_left -= (probe.generation_tokens_total - a.generation_tokens_total) / b
+                if steps_left >= 2 and step_s > 0 and not done.is_set():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(done.wait(), 0.8 * steps_left * step_s)
                     if not done.is_set() and (z := await self._engine_snapshot(session, url)) is not None:
