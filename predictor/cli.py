@@ -28,6 +28,13 @@ _ints = _positive_list(int, "integers")
 _floats = _positive_list(float, "numbers")
 
 
+def _positive_int(text: str) -> int:
+    values = _ints(text)
+    if len(values) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive integer, got {text!r}")
+    return values[0]
+
+
 def _range(text: str) -> tuple[int, int]:
     try:
         lo, hi = (int(x) for x in text.split(":"))
@@ -53,10 +60,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweeps", default=",".join(DEFAULT_SWEEPS), help="prefill,prefix,decode,load")
     p.add_argument("--hardware", default=_env("HARDWARE", ""), help="hardware label, e.g. '1x H100 SXM 80GB'")
     p.add_argument("--prefill-isl", type=_ints, default=d.prefill_isl, help="prefill ISL grid")
-    p.add_argument("--prefill-repeats", type=int, default=d.prefill_repeats)
+    p.add_argument("--prefill-repeats", type=_positive_int, default=d.prefill_repeats)
     p.add_argument("--decode-concurrency", type=_ints, default=d.decode_concurrency)
     p.add_argument("--decode-context", type=_ints, default=d.decode_context)
     p.add_argument("--decode-osl", type=int, default=d.decode_osl)
+    p.add_argument("--decode-rounds", type=_positive_int, default=d.decode_rounds,
+                   help="rounds per decode point (medians); several run in passes over the grid")  # fmt: skip
     p.add_argument("--load-workload", default=d.load_workload, help="chat|rag|reasoning|shared-prefix lengths")
     p.add_argument("--load-rates", type=_floats, default=d.load_rates, help="Poisson rates (req/s), ascending")
     p.add_argument("--load-duration", type=float, default=d.load_duration_s, help="seconds per load point")
@@ -82,7 +91,8 @@ def run_main(args: argparse.Namespace) -> int:
         endpoints=args.endpoint, model=args.model, out=args.out, sweeps=sweeps, hardware=args.hardware,
         prefill_isl=args.prefill_isl, prefill_repeats=args.prefill_repeats,
         decode_concurrency=args.decode_concurrency, decode_context=args.decode_context, decode_osl=args.decode_osl,
-        load_workload=args.load_workload, load_rates=args.load_rates, load_duration_s=args.load_duration,
+        decode_rounds=args.decode_rounds, load_workload=args.load_workload, load_rates=args.load_rates,
+        load_duration_s=args.load_duration,
         token_range=args.token_range, max_model_len=args.max_model_len, timeout_s=args.timeout,
         warmup_requests=args.warmup_requests,
     )  # fmt: skip

@@ -80,6 +80,7 @@ class ProfileConfig:
     decode_context: tuple[int, ...] = (128, 1024, 4096)
     decode_osl: int = 64
     decode_rounds: int = 1
+    interleave_rounds: bool = True  # decode rounds in passes over the grid, not all of a point's rounds in a row
     decode_poll_s: float = 0.02  # engine snapshots while a decode round's streams are prefilled (the window's start)
     load_workload: str = "chat"
     load_rates: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64)
@@ -125,6 +126,7 @@ class PointResult:
     wall_s: float
     failures: int = 0
     saturated: bool = False
+    stats: dict[str, Any] | None = None  # engine-side statistics (engine_point_stats plus per-request lists)
 
 
 @dataclass
@@ -287,6 +289,26 @@ def _row(point: Point, sample: Sample, start_s: float, warmup: bool) -> dict[str
     )  # fmt: skip
 
 
+def _merge_rounds(point: Point, parts: list[PointResult]) -> PointResult:
+    """One point's rounds measured apart (see ``Profiler._interleaved``) as if measured in a row: rows joined,
+    engine means weighted by their counts, token counts summed, steady windows listed."""
+    stats: dict[str, Any] = {}
+    have = [r.stats for r in parts if r.stats]
+    for kind in ("ttft", "itl"):
+        n = sum(st.get(f"engine_{kind}_count") or 0.0 for st in have)
+        total = sum((st.get(f"engine_{kind}_mean_s") or 0.0) * (st.get(f"engine_{kind}_count") or 0.0) for st in have)
+        stats[f"engine_{kind}_mean_s"] = total / n if n > 0 else None
+        stats[f"engine_{kind}_count"] = n
+    for key in ("engine_prompt_tokens", "engine_generation_tokens"):
+        stats[key] = sum(st.get(key) or 0.0 for st in have)
+    if windows := [w for st in have for w in st.get("engine_steady_decode", [])]:
+        stats["engine_steady_decode"] = windows
+    return PointResult(
+        point, [row for r in parts for row in r.rows], [row for r in parts for row in r.engine_rows],
+        sum(r.wall_s for r in parts), sum(r.failures for r in parts), False, stats if have else None,
+    )  # fmt: skip
+
+
 class Profiler:
     """Runs the sweeps of one :class:`ProfileConfig`. ``on_progress(done, total, point_id)`` drives a progress bar."""
 
@@ -317,25 +339,33 @@ class Profiler:
             await self._warmup(session, infos)
             # Load points run in rate order on all endpoints at once (they need the whole pool); the other points
             # are spread over the endpoints, one at a time per endpoint.
+            passes = [p for p in todo if p.sweep == "decode" and p.requests > 1] if cfg.interleave_rounds else []
             queue: asyncio.Queue[Point] = asyncio.Queue()
             for p in todo:
-                if p.sweep != "load":
+                if p.sweep != "load" and p not in passes:
                     queue.put_nowait(p)
             failure: list[BaseException] = []
 
-            async def worker(info: EndpointInfo) -> None:
+            def finished(res: PointResult) -> None:
+                summary.measured.append(res)
+                progress[0] += 1
+                self.on_progress(progress[0], total, res.point.point_id)
+
+            async def worker(info: EndpointInfo, mine: list[Point]) -> None:
                 while not queue.empty() and not failure:
                     p = queue.get_nowait()
                     try:
-                        res = await self._measure(session, p, [info.url])
+                        finished(await self._measure(session, p, [info.url]))
                     except ProfileError as e:
                         failure.append(e)
                         return
-                    summary.measured.append(res)
-                    progress[0] += 1
-                    self.on_progress(progress[0], total, p.point_id)
+                if mine and not failure:
+                    try:
+                        await self._interleaved(session, mine, info.url, finished)
+                    except ProfileError as e:
+                        failure.append(e)
 
-            await asyncio.gather(*(worker(i) for i in infos))
+            await asyncio.gather(*(worker(i, passes[k :: len(infos)]) for k, i in enumerate(infos)))
             if failure:
                 raise failure[0]
             saturated = False
@@ -480,11 +510,41 @@ class Profiler:
                              "running": st.running, "waiting": st.waiting, "kv_usage": st.kv_usage})  # fmt: skip
             await asyncio.sleep(self.cfg.metrics_interval_s)
 
-    async def _measure(self, session: aiohttp.ClientSession, point: Point, urls: list[str]) -> PointResult:
+    async def _interleaved(
+        self, session: aiohttp.ClientSession, points: list[Point], url: str, finished: Callable[[PointResult], None]
+    ) -> None:
+        """Decode points measured in passes: pass ``k`` runs round ``k`` of every point. A slow drift of the machine
+        (another tenant's job, thermal state) then spreads over every point's rounds, where the per-point medians
+        absorb it, instead of shifting whole neighbouring points. A point is written when its last round is done."""
+        parts: dict[str, list[PointResult]] = {p.point_id: [] for p in points}
+        t0 = time.perf_counter()
+        for k in range(max(p.requests for p in points)):
+            for p in points:
+                if k < p.requests:
+                    one = dataclasses.replace(p, requests=1)
+                    parts[p.point_id].append(await self._measure(session, one, [url], write=False, warm=k == 0, t0=t0))
+        for p in points:
+            res = _merge_rounds(p, parts[p.point_id])
+            write_point(self.cfg.out, p.point_id, res.rows, res.engine_rows, res.stats)
+            finished(res)
+
+    async def _measure(
+        self,
+        session: aiohttp.ClientSession,
+        point: Point,
+        urls: list[str],
+        *,
+        write: bool = True,
+        warm: bool = True,
+        t0: float | None = None,
+    ) -> PointResult:
+        """Measure one point (``write``: to its files; ``warm``: one unmeasured request of its shape first;
+        ``t0``: the origin of its rows' times, default now)."""
         cfg = self.cfg
         rows: list[dict[str, Any]] = []
         engine_rows: list[dict[str, Any]] = []
-        t0 = time.perf_counter()
+        started = time.perf_counter()
+        t0 = started if t0 is None else t0
         sampler = asyncio.create_task(self._sample_engine(session, urls, point, t0, engine_rows))
 
         async def send(prompt: list[int], max_tokens: int, url: str, warmup: bool = False) -> Sample:
@@ -510,7 +570,7 @@ class Profiler:
                 per_request_ttft.append(d.mean)
 
         try:
-            if point.sweep in ("prefill", "prefix", "decode"):
+            if warm and point.sweep in ("prefill", "prefix", "decode"):
                 # One unmeasured request of the point's shape first (CPU engines compile per shape).
                 await send(self.prompts.make(point.isl), min(point.osl, 4), urls[0], warmup=True)
             if point.sweep == "prefill":
@@ -557,8 +617,9 @@ class Profiler:
             q = max(1, len(ttft) // 4)
             growing = np.median(ttft[-q:]) > cfg.saturation_growth * np.median(ttft[:q]) + 0.1 if ttft else True
             saturated = p90 > cfg.saturation_ttft_s or bool(growing)
-        write_point(cfg.out, point.point_id, rows, engine_rows, stats)
-        return PointResult(point, rows, engine_rows, time.perf_counter() - t0, failures, saturated)
+        if write:
+            write_point(cfg.out, point.point_id, rows, engine_rows, stats)
+        return PointResult(point, rows, engine_rows, time.perf_counter() - started, failures, saturated, stats)
 
     async def _load(self, point: Point, urls: list[str], send: Callable[..., Any]) -> None:
         cfg = self.cfg

@@ -27,7 +27,8 @@ from predictor.profiler import ProfileConfig, ProfileError, run_profile
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "profile-vllm-cpu"
 SMALL = dict(prefill_isl=(32, 256, 1024), prefill_repeats=3, decode_concurrency=(1, 8), decode_context=(128, 512),
-             decode_osl=24, load_rates=(2.0, 200.0), load_duration_s=3.0, warmup_requests=1)  # fmt: skip
+             decode_osl=24, decode_rounds=2, load_rates=(2.0, 200.0), load_duration_s=3.0,
+             warmup_requests=1)  # fmt: skip
 
 
 def _sim(tmp: Path, *extra: str) -> tuple[ManagedProcess, str]:
@@ -59,6 +60,13 @@ def test_profile_run_on_the_simulator_writes_a_resumable_dataset(sim_url: str, t
     assert (pre.prompt_tokens == pre.isl_target).all() and (pre.cached_tokens == 0).all()  # unique prompts
     dec = df[(df.sweep == "decode") & ~df.warmup]
     assert (dec.completion_tokens == 24).all() and dec.itl_s.map(len).min() >= 20
+    # Decode rounds run in passes over the grid, on one clock: the points' first rounds follow one another (each
+    # at least a round's length after the previous), and every point's second round comes after all first rounds.
+    per_point = dec.groupby("point_id")
+    assert (per_point.size() == 2 * per_point.concurrency.first()).all()
+    firsts = per_point.start_s.min().sort_values()
+    assert firsts.diff().dropna().min() > 0.5 * dec.e2e_s.median()
+    assert per_point.start_s.max().min() > firsts.max()
     assert len(read_engine(out)) > 0
     m = read_manifest(out)
     assert m["hardware"] == "test-box" and m["engine"] == "kvscale-sim" and m["parameters"]["decode_osl"] == 24
