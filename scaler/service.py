@@ -491,7 +491,6 @@ class ScalerApp:
         return app
 
     async def start(self) -> None:
-        await self.service.start()
         self.server = grpc.aio.server()
         pb_grpc.add_ExternalScalerServicer_to_server(ExternalScalerServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -509,6 +508,7 @@ class ScalerApp:
             self.bound_grpc_port = self.server.add_secure_port(address, creds)
         else:
             self.bound_grpc_port = self.server.add_insecure_port(address)
+        await self.service.start()  # after the bind: its worker process must not delay taking the port
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)

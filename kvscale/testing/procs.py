@@ -39,12 +39,24 @@ class ProcessError(RuntimeError):
     """A managed process died or did not become ready; the message carries the log tail."""
 
 
+# Ports this process has handed out: the OS can hand a port out again once the probe socket is closed, and a
+# server started later (a pod) would then take the port of one still importing (the scaler). Process-wide, as
+# ports are.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free right now on ``host`` (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    """Return a TCP port that is free right now on ``host`` (the OS picks it) and that this process has not
+    returned before."""
+    for _ in range(100):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+    raise RuntimeError("no fresh free port after 100 tries")
 
 
 def tail(path: Path, lines: int = 60) -> str:
