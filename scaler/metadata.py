@@ -47,6 +47,7 @@ KEYS: dict[str, tuple[str | None, str]] = {
     "panicThreshold": ("2.0", "panic when the short-window need reaches this multiple of current replicas"),
     "maxScaleUpRate": ("4.0", "at most this multiple of current replicas per decision (up)"),
     "maxScaleDownRate": ("2.0", "at most divide current replicas by this per decision (down)"),
+    "maxBurstHoldSeconds": ("600", "longest gap between recurring bursts to hold burst capacity across (0 disables)"),
     "startupSeconds": ("90", "pod cold start: the forecast horizon"),
     "signalIntervalSeconds": ("5", "how often signals are read and a decision is made"),
     "latencyWindowSeconds": ("30", "window for observed latency percentiles and mean ISL/OSL"),
@@ -90,6 +91,7 @@ class ScalerSettings:
     panic_threshold: float = 2.0
     max_scale_up_rate: float = 4.0
     max_scale_down_rate: float = 2.0
+    max_burst_hold_s: float = 600.0
     startup_s: float = 90.0
     signal_interval_s: float = 5.0
     latency_window_s: float = 30.0
@@ -239,6 +241,7 @@ def parse_scaler_metadata(metadata: dict[str, str], namespace: str = "default") 
         panic_threshold=_number(md, "panicThreshold", lo=1, hi=100, lo_open=True),
         max_scale_up_rate=_number(md, "maxScaleUpRate", lo=1, hi=1000, lo_open=True),
         max_scale_down_rate=_number(md, "maxScaleDownRate", lo=1, hi=1000, lo_open=True),
+        max_burst_hold_s=_number(md, "maxBurstHoldSeconds", lo=0, hi=3600),
         startup_s=_number(md, "startupSeconds", lo=0, hi=3600),
         signal_interval_s=interval,
         latency_window_s=_number(md, "latencyWindowSeconds", lo=interval, hi=3600),

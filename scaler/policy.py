@@ -17,6 +17,10 @@ Per decision (every signal interval):
    when the stable window is covered, to the largest need seen in it, at most ÷ ``maxScaleDownRate``, and only
    if a re-prediction with the smaller count (latency, KV usage) still meets the SLO — which is what prevents
    the 2↔1 oscillation of Dynamo's planner (N-1 pods would push KV usage over the threshold, so stay at N).
+   **Recurring bursts** (:class:`BurstHold`): a burst is a run of decisions where the fast path or panic fired;
+   when the latest gap between bursts was at most ``maxBurstHoldSeconds``, a scale-down looks back
+   ``BURST_GAP_FACTOR`` x the longest recent gap (capped by ``maxBurstHoldSeconds``) instead of the stable window,
+   so pods that a burst shorter than the cold start needed are still there when the next burst comes.
 5. **Missing data** (a :class:`~scaler.signals.SignalError`): hold the last good decision (reason
    ``hold-signal-error``); before any good decision, hold the current replica count. Never treat it as idle.
 """
@@ -51,12 +55,15 @@ REASONS = (
     "rate-limited",
     "hold-stable-window",
     "hold-slo-check",
+    "hold-burst",
     "scale-down",
     "scale-to-zero",
 )
 MIN_LATENCY_SAMPLES = 20  # observations needed before an observed percentile corrects the model
 CORRECTION_DEADBAND = 1.1  # ratios within [1/x, x] count as "the model is right"
 FAST_PATH_MARGIN = 1.2  # the panic-window need must exceed the smoothed one by this factor to act on it
+BURST_GAP_FACTOR = 2.0  # hold burst capacity this multiple of the longest recent gap between bursts
+BURST_GAPS = 3  # how many recent gaps between bursts the hold is sized from
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,43 @@ class Decision:
     ok: bool = True  # computed from good signals (False: a hold)
     active: bool = True  # what IsActive answers
     inputs: dict[str, float] = field(default_factory=dict)  # what the decision was made from (for /metrics)
+
+
+class BurstHold:
+    """Recognises recurring bursts and says how far back a scale-down must look to keep their capacity.
+
+    The rule: a *burst* is a run of decisions in which the short-interval need jumped above the smoothed one (the
+    fast path or panic fired); firings less than the stable window apart belong to one burst (the stable window
+    already holds across such a pause). The *gap* between two bursts runs from the last firing of one to the first
+    of the next. Bursts *recur* when the latest gap is at most ``max_hold_s``; then a scale-down looks back
+    ``hold_s = min(max_hold_s, BURST_GAP_FACTOR x the longest of the last BURST_GAPS gaps <= max_hold_s)``
+    instead of the stable window, so it keeps what the last burst needed (the largest panic-window need from the
+    arrivals alone) until demand has stayed low for longer than the gaps seen. One burst (no gap yet), or one
+    after a quiet spell longer than ``max_hold_s``, changes nothing; ``max_hold_s = 0`` disables the hold.
+    Deterministic: only the decision times count.
+    """
+
+    def __init__(self, max_hold_s: float, merge_s: float) -> None:
+        self.max_hold_s, self.merge_s = max_hold_s, merge_s
+        self._bursts: deque[list[float]] = deque(maxlen=BURST_GAPS + 1)  # [first firing, last firing]
+
+    def note(self, now: float) -> None:
+        """The fast path or panic fired at ``now``."""
+        if self._bursts and now - self._bursts[-1][1] <= self.merge_s:
+            self._bursts[-1][1] = now
+        else:
+            self._bursts.append([now, now])
+
+    def gaps(self) -> list[float]:
+        b = self._bursts
+        return [b[i + 1][0] - b[i][1] for i in range(len(b) - 1)]
+
+    def hold_s(self) -> float:
+        """How far back a scale-down looks (0: the bursts do not recur, the stable window alone counts)."""
+        gaps = self.gaps()
+        if self.max_hold_s <= 0 or not gaps or gaps[-1] > self.max_hold_s:
+            return 0.0
+        return min(self.max_hold_s, BURST_GAP_FACTOR * max(g for g in gaps if g <= self.max_hold_s))
 
 
 def _q(x: float, step: float = 0.02) -> float:
@@ -135,8 +179,11 @@ class ScalingPolicy:
         self._cached = 0.0
         # (t, need, kv usage x ready) over the stable window; (t, waiting) over the panic window
         self._needs: deque[tuple[float, float, float]] = deque()
+        self._peaks: deque[tuple[float, float]] = deque()  # (t, panic-window demand) over maxBurstHoldSeconds
         self._waiting: deque[tuple[float, float]] = deque()
-        self._now_needs: deque[tuple[float, float, float]] = deque()  # (t, need at the interval's rate, arrivals)
+        # (t, need at the interval's rate, arrivals, the same need from the arrivals alone) over the panic window
+        self._now_needs: deque[tuple[float, float, float, float]] = deque()
+        self.bursts = BurstHold(settings.max_burst_hold_s, settings.stable_window_s)
         self.errors = 0
 
     # -- helpers -------------------------------------------------------------------------------------------------
@@ -248,6 +295,7 @@ class ScalingPolicy:
         else:
             need = self._units(rate_fc) / cap
             need_now = self._units(sig.arrival_rate) / cap
+        demand_now = need_now  # the interval's need from its arrivals alone, before the queue and KV corrections
 
         # A sustained queue (present at every read of the panic window, and not shrinking over it) must drain
         # within the TTFT budget plus the cold start (added replicas serve only after it): what the spare capacity
@@ -310,23 +358,36 @@ class ScalingPolicy:
         # Fast path: the mean need over the panic window (raw interval rates, no smoothing) when it is clearly
         # above the smoothed need (a step, not noise) - so a load step moves the decision within one interval.
         # "Clearly" = beyond FAST_PATH_MARGIN and beyond 3 sigma of the Poisson noise of the arrivals counted.
-        self._now_needs.append((now, need_now, sig.arrival_rate * sig.window_s))
+        self._now_needs.append((now, need_now, sig.arrival_rate * sig.window_s, demand_now))
         while self._now_needs and self._now_needs[0][0] <= now - s.panic_window_s - 1e-9:
             self._now_needs.popleft()
-        short = sum(n for _, n, _ in self._now_needs) / len(self._now_needs)
-        counted = sum(c for _, _, c in self._now_needs)
+        short = sum(n for _, n, _, _ in self._now_needs) / len(self._now_needs)
+        counted = sum(c for _, _, c, _ in self._now_needs)
+        short_demand = sum(d for _, _, _, d in self._now_needs) / len(self._now_needs)
         margin = max(FAST_PATH_MARGIN, 1.0 + 3.0 / math.sqrt(max(counted, 1.0)))
         target = math.ceil(need - 1e-9)
         held = need  # what the stable window remembers of this decision
-        if short > margin * need and math.ceil(short - 1e-9) > target:
+        fast = short > margin * need and math.ceil(short - 1e-9) > target
+        if fast:
             target = math.ceil(short - 1e-9)
             held = short  # the fast path's need: a scale-down must not undo it while the smoother still lags
         self._needs.append((now, held, kv_load))
         while self._needs and self._needs[0][0] < now - s.stable_window_s:
             self._needs.popleft()
-        if ready > 0 and need_now >= s.panic_threshold * ready:
+        # What a burst brought, as the panic-window need from the arrivals alone: not the forecast (its trend
+        # overshoots on a burst's rise) nor the queue / KV pressure the burst caused on too few pods (gone when
+        # the next burst meets the held replicas).
+        self._peaks.append((now, short_demand))
+        while self._peaks and self._peaks[0][0] < now - s.max_burst_hold_s:
+            self._peaks.popleft()
+        panic = ready > 0 and need_now >= s.panic_threshold * ready
+        if panic:
             self.panic_until = now + s.stable_window_s
             reason = "panic"
+        if fast or panic:
+            self.bursts.note(now)
+        hold_s = self.bursts.hold_s()
+        inputs["burst_hold_s"] = hold_s
         if now < self.panic_until:
             target = max(target, math.ceil(need_now - 1e-9))
         floor_ = 0 if s.scale_to_zero else 1
@@ -345,6 +406,12 @@ class ScalingPolicy:
             kv_max = max(k for _, _, k in self._needs)
             cand = max(math.ceil(need_max - 1e-9), math.ceil(base / s.max_scale_down_rate), floor_)
             reason = "scale-down" if cand < base else "hold-stable-window"
+            if hold_s > s.stable_window_s:  # recurring bursts: look back over the gaps between them
+                burst_need = max(n for t, n in self._peaks if t >= now - hold_s)
+                if math.ceil(burst_need - 1e-9) > cand:
+                    cand = min(base, math.ceil(burst_need - 1e-9))
+                    reason = "scale-down" if cand < base else "hold-burst"
+                need_max = max(need_max, burst_need)
             while cand < base and not self._meets(cand, need_max, kv_max):
                 cand += 1
                 reason = "hold-slo-check" if cand == base else reason

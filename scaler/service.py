@@ -72,6 +72,7 @@ class ScalerMetrics:
         self.obs_ttft = g("observed_ttft_seconds", "Observed TTFT at the SLO percentile (latency window).")
         self.pred_itl = g("predicted_itl_seconds", "Predicted inter-token latency (current load).")
         self.obs_itl = g("observed_itl_seconds", "Observed inter-token latency at the SLO percentile.")
+        self.burst_hold = g("burst_hold_seconds", "How far back a scale-down looks for recurring bursts (0: off).")
         self.reason = g("decision_reason", "1 for the reason of the last decision, 0 for the others.", ("reason",))
         self.active = g("active", "What IsActive answers (1 active, 0 idle).")
         self.errors = Counter(
@@ -88,7 +89,8 @@ class ScalerMetrics:
         )  # fmt: skip
         self._gauges = [self.desired, self.need, self.ready, self.arrival, self.forecast, self.isl, self.osl,
                         self.prefix, self.waiting, self.running, self.kv, self.capacity, self.correction,
-                        self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.active]  # fmt: skip
+                        self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold,
+                        self.active]  # fmt: skip
 
     def publish(self, labels: tuple[str, ...], d: Decision, changed: bool) -> None:
         if d.desired >= 0:
@@ -105,7 +107,7 @@ class ScalerMetrics:
                            (self.kv, "kv_usage"), (self.capacity, "capacity_per_replica"),
                            (self.correction, "correction"), (self.pred_ttft, "predicted_ttft_s"),
                            (self.obs_ttft, "observed_ttft_s"), (self.pred_itl, "predicted_itl_s"),
-                           (self.obs_itl, "observed_itl_s")):  # fmt: skip
+                           (self.obs_itl, "observed_itl_s"), (self.burst_hold, "burst_hold_s")):  # fmt: skip
             v = inputs.get(key)
             if v is not None and not math.isnan(v):
                 gauge.labels(*labels).set(v)

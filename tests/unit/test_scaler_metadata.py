@@ -23,6 +23,14 @@ def test_defaults_and_namespace():
     assert parse_scaler_metadata({**BASE, **explicit}, namespace="llm") == s
 
 
+def test_max_burst_hold_seconds():
+    assert parse_scaler_metadata(BASE).max_burst_hold_s == 600.0
+    assert parse_scaler_metadata({**BASE, "maxBurstHoldSeconds": "0"}).max_burst_hold_s == 0.0  # disables the hold
+    assert parse_scaler_metadata({**BASE, "maxBurstHoldSeconds": " 240 "}).max_burst_hold_s == 240.0
+    with pytest.raises(MetadataError, match=r"^scalerMetadata\.maxBurstHoldSeconds: must be in \[0, 3600\]"):
+        parse_scaler_metadata({**BASE, "maxBurstHoldSeconds": "-5"})
+
+
 def test_every_key_is_documented():
     doc = (Path(__file__).resolve().parents[2] / "docs" / "scaler.md").read_text()
     for key, (default, _) in KEYS.items():
@@ -54,6 +62,9 @@ def test_every_key_is_documented():
         ({"panicThreshold": "1"}, "panicThreshold"),
         ({"maxScaleUpRate": "0.5"}, "maxScaleUpRate"),
         ({"maxScaleDownRate": "x"}, "maxScaleDownRate"),
+        ({"maxBurstHoldSeconds": "-1"}, "maxBurstHoldSeconds"),
+        ({"maxBurstHoldSeconds": "ten minutes"}, "maxBurstHoldSeconds"),
+        ({"maxBurstHoldSeconds": "7200"}, "maxBurstHoldSeconds"),
         ({"startupSeconds": "-5"}, "startupSeconds"),
         ({"kvUsageThreshold": "1.5"}, "kvUsageThreshold"),
         ({"targetUtilization": "0"}, "targetUtilization"),

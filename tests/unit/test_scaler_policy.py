@@ -158,3 +158,90 @@ def test_no_undershoot_after_a_step_down():
     assert after[-1].inputs["forecast_rate"] >= 14.5
     steady = run(ScalingPolicy(settings(), MODEL), [15.0] * 40, replicas=3)[-1]
     assert after[-1].need == pytest.approx(steady.need, rel=0.05)
+
+
+def bursty(policy: ScalingPolicy, pattern: list[tuple[float, float]], replicas: int = 1, dt: float = 5.0):
+    """Feed ``(seconds, req/s)`` segments, one decision per ``dt`` (rates counted over ``dt``); ready replicas
+    follow the previous decision (an HPA whose pods are up), so each burst meets the capacity the policy kept."""
+    out, t = [], 0.0
+    for length, rate in pattern:
+        for _ in range(round(length / dt)):
+            d = policy.decide(t, sig(t, rate, replicas=replicas, window_s=dt))
+            replicas = max(d.desired, 1)
+            out.append(d)
+            t += dt
+    return out
+
+
+def between(ds, lo: float, hi: float):
+    return [d for d in ds if lo <= d.at < hi]
+
+
+QUIET, BURST = 8.0, 40.0  # req/s between and in bursts: ~0.5 vs ~3 replicas
+RECURRING = [(120.0, QUIET)] + [(30.0, BURST), (120.0, QUIET)] * 4  # bursts start at 120 + 150 k
+
+
+def test_recurring_bursts_hold_replicas_across_the_gap():
+    """30 s bursts every 2.5 min (gaps of 120 s, twice the 60 s stable window): once the bursts have recurred,
+    the replicas the last burst needed stay through the gap instead of being released and cold-started again.
+    The same sequence with the hold disabled releases them (so this test can fail)."""
+    held = bursty(ScalingPolicy(settings(), MODEL), RECURRING)
+    released = bursty(ScalingPolicy(settings(maxBurstHoldSeconds="0"), MODEL), RECURRING)
+    quiet_level = held[20].desired
+    peaks = [max(d.desired for d in between(held, 120.0 + k * 150.0, 150.0 + k * 150.0)) for k in range(4)]
+    assert min(peaks) >= quiet_level + 2  # the bursts are real bursts for this policy
+    for k in (1, 2, 3):  # the gaps after the 2nd, 3rd and 4th bursts (one gap seen by then)
+        late_gap = between(held, 150.0 + k * 150.0 + 70.0, 270.0 + k * 150.0)  # past the stable window
+        assert min(d.desired for d in late_gap) >= peaks[k], k
+        assert any(d.reason == "hold-burst" for d in late_gap) and late_gap[-1].inputs["burst_hold_s"] > 60.0
+        free = between(released, 150.0 + k * 150.0 + 70.0, 270.0 + k * 150.0)
+        assert min(d.desired for d in free) <= quiet_level + 1 < peaks[k]
+    # each later burst starts on the kept replicas: no panic, no scale-up at its start
+    for k in (2, 3):
+        assert between(held, 120.0 + k * 150.0, 125.0 + k * 150.0)[0].desired >= peaks[k - 1]
+
+
+def test_a_single_burst_then_quiet_scales_down_after_the_normal_window():
+    pattern = [(120.0, QUIET), (30.0, BURST), (600.0, QUIET)]
+    ds = bursty(ScalingPolicy(settings(), MODEL), pattern)
+    ref = bursty(ScalingPolicy(settings(maxBurstHoldSeconds="0"), MODEL), pattern)
+    quiet_level, top = ds[20].desired, max(d.desired for d in ds)
+    assert top >= quiet_level + 2
+    assert [d.desired for d in ds] == [d.desired for d in ref]  # one burst is not a pattern: nothing held
+    first_down = next(d.at for d in ds if d.at > 150.0 and d.desired < top)
+    assert first_down <= 150.0 + 60.0 + 5.0  # one stable window after the burst's last high need
+    assert ds[-1].desired == quiet_level and all(d.inputs["burst_hold_s"] == 0.0 for d in ds)
+
+
+def test_the_hold_ends_when_the_bursts_stop():
+    """Bursts recur, then stop: the capacity goes once demand has stayed low for the hold (<= the cap)."""
+    pattern = [(120.0, QUIET)] + [(30.0, BURST), (120.0, QUIET)] * 3 + [(900.0, QUIET)]
+    ds = bursty(ScalingPolicy(settings(maxBurstHoldSeconds="240"), MODEL), pattern)
+    last_burst_end = 120.0 + 2 * 150.0 + 30.0
+    hold = max(d.inputs["burst_hold_s"] for d in ds)
+    assert 60.0 < hold <= 240.0
+    quiet_level = ds[20].desired
+    assert min(d.desired for d in between(ds, last_burst_end, last_burst_end + hold - 10.0)) > quiet_level + 1
+    assert ds[-1].desired == quiet_level
+    assert max(d.desired for d in between(ds, last_burst_end + hold + 60.0, 1e9)) <= quiet_level + 1
+
+
+def test_burst_hold_rule():
+    """The rule on its own: gaps from last to first firing, firings merged within the stable window, the cap,
+    a quiet spell longer than the cap, 0 disables."""
+    from scaler.policy import BURST_GAP_FACTOR, BurstHold
+
+    b = BurstHold(max_hold_s=300.0, merge_s=60.0)
+    b.note(0.0)
+    b.note(20.0)  # the same burst
+    assert b.gaps() == [] and b.hold_s() == 0.0
+    b.note(120.0)
+    assert b.gaps() == [100.0] and b.hold_s() == pytest.approx(BURST_GAP_FACTOR * 100.0)
+    b.note(400.0)  # gap 280 s: the hold is capped
+    assert b.hold_s() == 300.0
+    b.note(1000.0)  # a quiet spell longer than the cap: the pattern broke
+    assert b.hold_s() == 0.0
+    off = BurstHold(max_hold_s=0.0, merge_s=60.0)
+    for t in (0.0, 100.0, 200.0):
+        off.note(t)
+    assert off.hold_s() == 0.0
