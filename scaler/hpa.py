@@ -206,23 +206,19 @@ class Hpa:
 
     def _limit(self, desired: int, now: float) -> int:
         current = self.spec
-        if desired > current:
-            rules = self.behavior.scale_up
-            if rules.select == "Disabled":
-                limit = current
-            else:
-                props = self._proposals(rules, now, up=True)
-                limit = max(props) if rules.select == "Max" else min(props)
+        if desired == current:
+            return desired
+        up = desired > current
+        rules = self.behavior.scale_up if up else self.behavior.scale_down
+        if rules.select == "Disabled":
+            limit = current
+        else:
+            # selectPolicy Max picks the policy allowing the largest change: the highest bound up, the lowest down
+            props = self._proposals(rules, now, up=up)
+            limit = max(props) if (rules.select == "Max") == up else min(props)
+        if up:
             return min(desired, max(limit, current), self.max_replicas)
-        if desired < current:
-            rules = self.behavior.scale_down
-            if rules.select == "Disabled":
-                limit = current
-            else:
-                props = self._proposals(rules, now, up=False)
-                limit = min(props) if rules.select == "Max" else max(props)
-            return max(desired, min(limit, current), self.min_replicas)
-        return desired
+        return max(desired, min(limit, current), self.min_replicas)
 
     def sync(self, now: float, cluster: ScaleTarget) -> None:
         if now - self.last_sync < self.sync_s - 1e-9:
