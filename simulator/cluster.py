@@ -261,7 +261,7 @@ class Cluster:
             r.deleted_s = max(now, r.engine.busy_until)
 
     def _record_timeline(self, now: float) -> None:
-        for pool in {r.pool for r in self.replicas}:
+        for pool in dict.fromkeys(r.pool for r in self.replicas):  # a fixed order (a set's follows the hash seed)
             serving = sum(1 for r in self.replicas if r.pool == pool and r.serving(now))
             total = sum(1 for r in self.replicas if r.pool == pool and r.deleted_s is None)
             self.timeline.append((now, pool, serving, total))

@@ -1,0 +1,69 @@
+"""Refactors keep the numbers: ``kvscale eval scaling`` and ``kvscale sim run`` print the same JSON as when the
+files in ``tests/data/golden/`` were recorded (commit 4b8446c, before the "One house" layout change).
+
+Both commands are deterministic for a seed; only wall-clock fields (``wall_s``) differ between runs and are left
+out of the comparison. Everything else must be equal to the last bit: a change that moves a float operation
+changes the results and must re-record the files *on purpose* (``KVSCALE_RECORD_GOLDEN=1``), saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+
+# file -> the command's arguments (after `kvscale`); --json OUT is appended.
+CASES: dict[str, list[str]] = {
+    "eval-step-chat-short.json": ["eval", "scaling", "--trace", "step", "--workload", "chat", "--duration", "180",
+                                  "--peak-replicas", "1", "--startup-seconds", "20"],
+    "eval-diurnal-rag-short.json": ["eval", "scaling", "--trace", "diurnal", "--workload", "rag", "--duration", "180",
+                                    "--peak-replicas", "1", "--startup-seconds", "20"],
+    "eval-step-rag-pd-short.json": ["eval", "scaling", "--trace", "step", "--workload", "rag", "--pools", "pd",
+                                    "--duration", "150", "--peak-replicas", "1", "--startup-seconds", "20"],
+    "sim-diurnal-chat.json": ["sim", "run", "--trace", "diurnal", "--workload", "chat", "--rate", "20",
+                              "--duration", "300", "--replicas", "4"],
+    "sim-step-rag-pd.json": ["sim", "run", "--trace", "step", "--workload", "rag", "--rate", "5", "--duration", "300",
+                             "--pd", "2:4"],
+    "sim-poisson-shared-rr.json": ["sim", "run", "--trace", "poisson", "--workload", "shared-prefix", "--rate", "10",
+                                   "--duration", "300", "--replicas", "3", "--dispatcher", "round-robin"],
+}  # fmt: skip
+
+
+def without_wall_time(obj: Any) -> Any:
+    """The JSON with every ``wall_s`` key removed (the only field that depends on the machine)."""
+    if isinstance(obj, dict):
+        return {k: without_wall_time(v) for k, v in obj.items() if k != "wall_s"}
+    if isinstance(obj, list):
+        return [without_wall_time(v) for v in obj]
+    return obj
+
+
+def test_without_wall_time_keeps_the_rest() -> None:
+    got = without_wall_time({"a": 1, "wall_s": 2.0, "p": {"x": {"wall_s": 3, "gpu_hours": 0.5}}, "l": [{"wall_s": 1}]})
+    assert got == {"a": 1, "p": {"x": {"gpu_hours": 0.5}}, "l": [{}]}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_json_as_recorded(name: str, tmp_path: Path) -> None:
+    out = tmp_path / name
+    cmd = [sys.executable, "-m", "kvscale.cli", *CASES[name], "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(out.read_text())
+    golden = GOLDEN / name
+    if os.environ.get("KVSCALE_RECORD_GOLDEN") == "1":
+        golden.write_text(out.read_text())
+        pytest.skip(f"recorded {golden}")
+    want = json.loads(golden.read_text())
+    got, want = without_wall_time(got), without_wall_time(want)
+    if got != want:
+        diff = [k for k in sorted(set(got) | set(want)) if got.get(k) != want.get(k)]
+        detail = {k: (want.get(k), got.get(k)) for k in diff if k not in ("timelines", "load")}
+        pytest.fail(f"{name}: results changed in {diff}: {json.dumps(detail, default=str)[:3000]}")
