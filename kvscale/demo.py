@@ -55,7 +55,7 @@ def demo_latency_model(engine: str) -> Any:
     *and* the scaler use this same artifact. vllm-cpu: a rough estimate of the tiny test model on 2 shared cores
     (not fitted; the scaler's observed-latency correction absorbs part of the error).
     """
-    from simulator.latency import LatencyModel, StepCoefficients
+    from kvscale.latency import LatencyModel, StepCoefficients
 
     if engine == "sim":
         return LatencyModel(

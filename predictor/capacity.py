@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvscale.latency import LatencyModel
 from simulator.engine import EngineConfig
-from simulator.latency import LatencyModel
 from simulator.scheduler import SchedulerConfig
 from simulator.workload import WORKLOADS, TraceRequest, WorkloadSpec, build_trace
 

@@ -175,8 +175,8 @@ def capacity_main(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from kvscale.latency import LatencyModelError, load_latency_model
     from predictor.capacity import SLO, capacity
-    from simulator.latency import LatencyModelError, load_latency_model
     from simulator.workload import WORKLOADS, load_trace
 
     try:

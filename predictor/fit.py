@@ -34,8 +34,8 @@ from sklearn.linear_model import LinearRegression
 from sklearn.model_selection import GroupKFold
 
 from kvscale import __version__
+from kvscale.latency import LatencyModel, StepCoefficients, prefill_attn_term
 from predictor.dataset import read_engine, read_manifest, read_point_stats, read_requests
-from simulator.latency import LatencyModel, StepCoefficients, prefill_attn_term
 
 FEATURES = ("ttft_overhead_s", "base_s", "per_prefill_token_s", "per_prefill_attn_s", "per_decode_seq_s",
             "per_decode_ctx_s")  # fmt: skip

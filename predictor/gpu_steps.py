@@ -22,7 +22,7 @@ timed regions with ``torch.cuda.synchronize()`` before and after (``time.perf_co
 layers and LM head are timed separately, so ``--layers N`` can build only ``N`` layers and scale the layers'
 time by ``layers / N`` (memory: weights and KV cache of ``N`` layers only); the manifest says so.
 
-The module imports only the standard library (and the light ``simulator.roofline``) at import time; torch,
+The module imports only the standard library (and the light ``predictor.roofline``) at import time; torch,
 numpy, pandas, pyarrow and rich are imported when a measurement runs, so ``python -m predictor.gpu_steps`` works
 on a box with just those installed (see docs/profiling.md, "Measuring GPU step times").
 """
@@ -43,7 +43,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from kvscale import __version__
-from simulator.roofline import LLAMA_3_1_8B, LLAMA_3_1_70B, ModelShape
+from predictor.roofline import LLAMA_3_1_8B, LLAMA_3_1_70B, ModelShape
 
 if TYPE_CHECKING:
     import torch
@@ -56,7 +56,7 @@ ROPE_THETA = 500_000.0  # Llama 3.x; it does not change the timing
 RMS_EPS = 1e-5
 BLOCK_SIZE = 16  # vLLM's default KV block size (for the KV-capacity estimate)
 GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization (for the KV-capacity estimate)
-ACTIVATION_RESERVE_BYTES = 2e9  # same assumption as simulator.roofline
+ACTIVATION_RESERVE_BYTES = 2e9  # same assumption as predictor.roofline
 CPU_DEFAULT_MEMORY_GIB = 4.0
 MIN_DECODE_STEPS = 8  # `kvscale profile fit` refuses decode streams shorter than 8 tokens
 
@@ -507,7 +507,7 @@ class StepsRunner:
         return {"block_size": BLOCK_SIZE, "num_gpu_blocks": blocks, "gpu_memory_bytes": total,
                 "gpu_memory_utilization": GPU_MEMORY_UTILIZATION, "activation_reserve_bytes": ACTIVATION_RESERVE_BYTES,
                 "source": "estimate: floor((total memory x utilization - full-model weights - activation reserve) "
-                          "/ bytes per block), as simulator.roofline"}  # fmt: skip
+                          "/ bytes per block), as predictor.roofline"}  # fmt: skip
 
     def run(self) -> StepsSummary:
         import torch
@@ -795,7 +795,7 @@ def steps_main(args: argparse.Namespace) -> int:
     if not summary.measured and not summary.skipped:
         print("kvscale profile steps: no point could be measured (see the reasons above)", file=sys.stderr)
         return 1
-    out.print(f"next: kvscale profile fit {cfg.out} --out simulator/models/{cfg.shape}-<gpu>-measured.json",
+    out.print(f"next: kvscale profile fit {cfg.out} --out kvscale/models/{cfg.shape}-<gpu>-measured.json",
               markup=False)
     return 0
 

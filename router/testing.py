@@ -31,7 +31,7 @@ _SIM_MAIN = (
 
 def step_model(base_s: float):
     """A latency model where every engine step takes exactly ``base_s`` seconds."""
-    from simulator.latency import LatencyModel, StepCoefficients
+    from kvscale.latency import LatencyModel, StepCoefficients
 
     return LatencyModel(name=f"const-{base_s}", coefficients=StepCoefficients(base_s, 0.0, 0.0, 0.0, 0.0))
 
@@ -48,10 +48,10 @@ async def serve_sim(
     **config_kw: Any,
 ) -> AsyncIterator[RunningSim]:  # fmt: skip
     """An in-process ``kvscale sim serve`` on a free port."""
+    from kvscale.tokenizer import FallbackTokenizer
     from simulator.engine import EngineConfig
     from simulator.scheduler import SchedulerConfig
     from simulator.server import ServeConfig, SimServer
-    from simulator.tokenizer import FallbackTokenizer
 
     tok = FallbackTokenizer()
     port = free_port()

@@ -44,13 +44,13 @@ from typing import Any
 import numpy as np
 
 from kvscale.engine_stats import EngineStats, HistogramSnapshot
+from kvscale.latency import DEFAULT_MODEL, LatencyModel, load_latency_model
 from scaler.hpa import Hpa, HpaBehavior, committed_behavior
 from scaler.metadata import ScalerSettings, parse_scaler_metadata
 from scaler.policy import CapacityView, ScalingPolicy
 from scaler.signals import PodHistory, PoolSignals, SignalError, SignalPending
 from simulator.cluster import Cluster, ClusterResult, Replica
 from simulator.engine import EngineConfig
-from simulator.latency import DEFAULT_MODEL, LatencyModel, load_latency_model
 from simulator.metrics import ITL_BUCKETS, TTFT_BUCKETS, request_tokens_buckets
 from simulator.request import Request
 from simulator.scheduler import SchedulerConfig
@@ -693,8 +693,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from kvscale.latency import LatencyModelError
     from scaler.metadata import MetadataError
-    from simulator.latency import LatencyModelError
 
     try:
         ev = Evaluation(config_from_args(args))

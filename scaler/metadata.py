@@ -169,7 +169,7 @@ def parse_scaler_metadata(metadata: dict[str, str], namespace: str = "default") 
     latency = md.get("latencyModel", KEYS["latencyModel"][0] or "").strip()
     if not latency:
         raise MetadataError("latencyModel", "must not be empty")
-    from simulator.latency import LatencyModelError, builtin_models, load_latency_model
+    from kvscale.latency import LatencyModelError, builtin_models, load_latency_model
 
     if latency not in builtin_models():
         if not Path(latency).is_file():

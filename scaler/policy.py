@@ -31,6 +31,7 @@ import math
 from collections import deque
 from dataclasses import dataclass, field, replace
 
+from kvscale.latency import LatencyModel
 from predictor.capacity import (
     SLO,
     aggregated_capacity_rps,
@@ -42,7 +43,6 @@ from predictor.capacity import (
 from scaler.forecast import HoltForecaster
 from scaler.metadata import ScalerSettings
 from scaler.signals import PoolSignals
-from simulator.latency import LatencyModel
 
 REASONS = (
     "hold-no-data",

@@ -33,13 +33,13 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from kvscale.latency import LatencyModel, load_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.discovery import KubernetesPods, PodDiscovery, StaticPods
 from scaler.metadata import MetadataError, ScalerSettings, parse_scaler_metadata
 from scaler.policy import REASONS, Decision, ScalingPolicy
 from scaler.signals import PageParser, PodScrapeSource, PrometheusSource, SignalError, SignalPending, SignalSource
-from simulator.latency import LatencyModel, load_latency_model
 
 log = logging.getLogger("kvscale.scaler")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name

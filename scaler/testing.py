@@ -19,12 +19,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from kvscale.latency import LatencyModel, StepCoefficients
 from kvscale.testing.procs import ManagedProcess, free_port
+from kvscale.tokenizer import FallbackTokenizer
 from simulator.engine import EngineConfig
-from simulator.latency import LatencyModel, StepCoefficients
 from simulator.scheduler import SchedulerConfig
 from simulator.server import ServeConfig, SimServer
-from simulator.tokenizer import FallbackTokenizer
 
 MODEL = "sim-model"
 PROMETHEUS_BIN = "/usr/bin/prometheus"

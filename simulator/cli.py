@@ -13,9 +13,9 @@ from pathlib import Path
 
 from aiohttp import web
 
+from kvscale.latency import DEFAULT_MODEL, LatencyModelError, builtin_models, load_latency_model
 from simulator.engine import EngineConfig
 from simulator.kv_publisher import KVEventsConfig
-from simulator.latency import DEFAULT_MODEL, LatencyModelError, builtin_models, load_latency_model
 from simulator.scheduler import SchedulerConfig
 
 
@@ -66,8 +66,8 @@ def parse_lora_modules(items: list[str]) -> dict[str, str]:
 
 
 def build_server(args: argparse.Namespace):  # -> SimServer (import deferred: keeps `kvscale --help` fast)
+    from kvscale.tokenizer import load_tokenizer
     from simulator.server import ServeConfig, SimServer
-    from simulator.tokenizer import load_tokenizer
 
     latency = load_latency_model(args.latency_model)
     blocks = args.num_gpu_blocks or latency.num_gpu_blocks()

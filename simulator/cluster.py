@@ -34,8 +34,8 @@ from typing import Protocol
 import numpy as np
 
 from kvscale.histogram import LogHistogram
+from kvscale.latency import LatencyModel
 from simulator.engine import EngineConfig, EngineCore, StepOutput
-from simulator.latency import LatencyModel
 from simulator.request import Request, SyntheticPrompt
 from simulator.workload import TraceRequest
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from kvscale.hashing import ROOT_HASH, block_hashes
+from kvscale.latency import LatencyModel
 from simulator.kv_cache import KVCacheManager
-from simulator.latency import LatencyModel
 from simulator.request import Request, Status, SyntheticPrompt
 from simulator.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 

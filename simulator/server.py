@@ -24,12 +24,12 @@ import aiohttp
 from aiohttp import web
 
 from kvscale.histogram import LogHistogram
+from kvscale.latency import LatencyModel
+from kvscale.tokenizer import Tokenizer
 from simulator.engine import EngineConfig, EngineCore, StepOutput
 from simulator.kv_publisher import KVEventsConfig, ZmqKVEventPublisher
-from simulator.latency import LatencyModel
 from simulator.metrics import EngineMetrics, MetricsInfo
 from simulator.request import Request
-from simulator.tokenizer import Tokenizer
 
 log = logging.getLogger("kvscale.sim")
 FINGERPRINT = "vllm-0.32.0-kvscale-sim"

@@ -15,14 +15,14 @@ from typing import Any
 
 from aiohttp import web
 
+from kvscale.latency import LatencyModel
 from kvscale.testing.procs import ManagedProcess, free_port
+from kvscale.tokenizer import FallbackTokenizer, Tokenizer
 from router.kvevents import EventSource
 from simulator.engine import EngineConfig
 from simulator.kv_publisher import KVEventsConfig
-from simulator.latency import LatencyModel
 from simulator.scheduler import SchedulerConfig
 from simulator.server import ServeConfig, SimServer
-from simulator.tokenizer import FallbackTokenizer, Tokenizer
 
 KV_TOPIC = "kv-events"
 

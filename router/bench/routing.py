@@ -28,13 +28,13 @@ import aiohttp
 import numpy as np
 
 from kvscale.engine_stats import ScrapeError, scrape
+from kvscale.latency import DEFAULT_MODEL, StepCoefficients, load_latency_model
 from kvscale.loadgen import stream_completion
 from kvscale.testing.procs import ManagedProcess, ProcessError, free_port
 from router.bench.pods import Pod, start_sim_pod_process
 from router.bench.workloads import MODEL, BenchRequest, Scale, build
 from router.policies.best import POLICIES as BEST_POLICIES
 from router.policies.kv_events import POLICIES as KV_EVENTS_POLICIES
-from simulator.latency import DEFAULT_MODEL, StepCoefficients, load_latency_model
 
 KVSCALE_POLICIES = ("round-robin", "least-request", "prefix", "kv-events", "slo", "best")
 VLLM_ROUTER_POLICIES = ("round_robin", "cache_aware", "kv_aware")

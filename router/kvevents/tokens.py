@@ -1,6 +1,6 @@
 """Prompt token ids as the engine computes them, so our block hashes line up with the engine's blocks.
 
-Uses the simulator's tokenizer wrappers (``simulator.tokenizer``), which mirror vLLM: completions are encoded with
+Uses the simulator's tokenizer wrappers (``kvscale.tokenizer``), which mirror vLLM: completions are encoded with
 special tokens; chat requests are rendered with the tokenizer's chat template (generation prompt added) and encoded
 without adding special tokens again. Load the model's tokenizer from a local directory; without one the
 simulator's fallback tokenizer is used (right for simulator pods started without ``--tokenizer``).
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from simulator.tokenizer import Tokenizer, load_tokenizer
+from kvscale.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["Tokenizer", "context_token_ids", "load_tokenizer", "prompt_token_ids", "shared_tokenizer"]
 

@@ -1,7 +1,7 @@
 """Scorer ``slo``: predictive routing — predicted TTFT and ITL per backend from a latency model, against the
 request's SLOs; and the ``slo`` policy.
 
-For each candidate the scorer predicts, with the step-time model of :mod:`simulator.latency` (the artifact the
+For each candidate the scorer predicts, with the step-time model of :mod:`kvscale.latency` (the artifact the
 profiler fits; ``latency_model`` = a JSON file or a built-in name):
 
 * **TTFT** = the prefill work queued ahead of the request on that backend (uncached prompt tokens the router sent
@@ -32,10 +32,10 @@ from typing import Any
 
 from prometheus_client import Histogram
 
+from kvscale.latency import DEFAULT_MODEL, LatencyModel, load_latency_model, prefill_attn_term
 from router.kvevents.tokens import context_token_ids, shared_tokenizer
 from router.policies.base import Outcome, Scorer, parse_config
 from router.policies.kv_events import KVEventsScorer
-from simulator.latency import DEFAULT_MODEL, LatencyModel, load_latency_model, prefill_attn_term
 
 TTFT_HEADER = "x-kvscale-ttft-slo-ms"
 ITL_HEADER = "x-kvscale-itl-slo-ms"

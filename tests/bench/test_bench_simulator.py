@@ -17,11 +17,11 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from kvscale.latency import load_latency_model
 from kvscale.loadgen import stream_completion
 from kvscale.testing.procs import ManagedProcess, free_port
 from simulator.cluster import Cluster, LeastRequest
 from simulator.engine import EngineConfig
-from simulator.latency import load_latency_model
 from simulator.workload import build_trace
 
 LEVELS = [int(x) for x in os.environ.get("KVSCALE_BENCH_STREAMS", "100,250,500").split(",")]

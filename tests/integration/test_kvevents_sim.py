@@ -15,12 +15,12 @@ import zmq
 import zmq.asyncio
 
 from kvscale.kv_events import BlockStored, EventBatch, decode_message, encode_message
+from kvscale.latency import LatencyModel, StepCoefficients
 from kvscale.testing.procs import free_port
+from kvscale.tokenizer import FallbackTokenizer
 from router.bench.pods import Pod, kv_events_config, sim_pod
 from router.kvevents import EventSource, KVEventsManager, KVEventSubscriber
 from simulator.kv_publisher import ZmqKVEventPublisher
-from simulator.latency import LatencyModel, StepCoefficients
-from simulator.tokenizer import FallbackTokenizer
 
 MODEL = "sim-model"
 TOK = FallbackTokenizer()

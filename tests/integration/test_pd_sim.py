@@ -14,13 +14,13 @@ from collections.abc import AsyncIterator
 import openai
 from aiohttp import web
 
+from kvscale.latency import LatencyModel, StepCoefficients
 from kvscale.testing.procs import free_port
 from router.app import create_app
 from router.backends import parse_backend_spec
 from router.bench.pods import Pod, sim_pod
 from router.config import RouterConfig
 from router.pd import prefill_body
-from simulator.latency import LatencyModel, StepCoefficients
 
 MODEL = "sim-model"
 LAT = LatencyModel(name="pd", coefficients=StepCoefficients(2e-3, 1e-5, 0.0, 1e-5, 0.0),

@@ -10,12 +10,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from kvscale.latency import LatencyModel, StepCoefficients
 from kvscale.testing.procs import free_port
 from router.app import STATE_KEY, create_app
 from router.backends import parse_backend_spec
 from router.bench.pods import Pod, sim_pod
 from router.config import RouterConfig
-from simulator.latency import LatencyModel, StepCoefficients
 
 MODEL = "sim-model"
 LAT = LatencyModel(name="r", coefficients=StepCoefficients(1e-3, 1e-5, 0.0, 1e-5, 0.0))

@@ -28,13 +28,13 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvscale.kv_events import BlockStored, decode_message
+from kvscale.latency import LatencyModel, StepCoefficients
 from kvscale.testing.procs import ManagedProcess, free_port
+from kvscale.tokenizer import FallbackTokenizer
 from simulator.engine import EngineConfig, EngineCore
 from simulator.kv_publisher import KVEventsConfig
-from simulator.latency import LatencyModel, StepCoefficients
 from simulator.scheduler import SchedulerConfig
 from simulator.server import ServeConfig, SimServer
-from simulator.tokenizer import FallbackTokenizer
 
 BLOCK = 16
 MODEL = "sim-model"

@@ -1,6 +1,6 @@
 """Latency models shared by the unit tests."""
 
-from simulator.latency import LatencyModel, StepCoefficients
+from kvscale.latency import LatencyModel, StepCoefficients
 
 # Deliberately "ugly" coefficients so that a wrong feature cannot hide behind round numbers.
 LAT = LatencyModel(

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from models_for_tests import LAT
 
+from kvscale.latency import LatencyModel, prefill_attn_term
 from simulator.cluster import Cluster, ClusterResult, LeastRequest, RoundRobin
-from simulator.latency import LatencyModel, prefill_attn_term
 from simulator.workload import TraceRequest, build_trace
 
 

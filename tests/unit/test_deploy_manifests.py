@@ -130,7 +130,7 @@ def test_scaler_metadata_check_reports_what_the_scaler_rejects(rendered: dict[st
 
 def test_latency_model_matches_the_engines(rendered: dict[str, list[dict]]) -> None:
     """The shipped latency model loads, describes the served model, and the GPU the engines are pinned to."""
-    from simulator.latency import latency_model_from_dict
+    from kvscale.latency import latency_model_from_dict
 
     for docs in rendered.values():
         cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvscale-latency"))

@@ -21,11 +21,11 @@ from aiohttp.test_utils import TestClient, TestServer  # noqa: E402
 
 from kvscale.cli import build_parser  # noqa: E402
 from kvscale.cli import main as kvscale_main  # noqa: E402
+from kvscale.latency import load_latency_model  # noqa: E402
 from predictor.dataset import read_manifest, read_point_stats, read_requests  # noqa: E402
 from predictor.fit import fit_profile  # noqa: E402
 from predictor.gpu_steps import NOTE, SHAPES, Decoder, StepsConfig, StepsError, StepsRunner, param_count  # noqa: E402
 from simulator.cli import build_server  # noqa: E402
-from simulator.latency import load_latency_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 GRID = ["--shape", "tiny", "--device", "cpu", "--threads", "1", "--prefill-tokens", "64,256,1024",

@@ -13,9 +13,9 @@ import pytest
 
 from kvscale.hashing import block_hashes
 from kvscale.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
+from kvscale.latency import LatencyModel, StepCoefficients
 from router.kvevents import KVBlockIndex, KVEventsManager, cached_tokens, request_hashes
 from simulator.engine import EngineConfig, EngineCore
-from simulator.latency import LatencyModel, StepCoefficients
 from simulator.request import Request
 from simulator.scheduler import SchedulerConfig
 

@@ -9,9 +9,9 @@ import json
 import pytest
 from models_for_tests import LAT
 
+from kvscale.latency import LatencyModel, LatencyModelError, latency_model_from_dict
 from simulator.cluster import Cluster
 from simulator.engine import EngineConfig, EngineCore
-from simulator.latency import LatencyModel, LatencyModelError, latency_model_from_dict
 from simulator.request import Request
 from simulator.workload import TraceRequest
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from kvscale.engine_stats import EngineStats, HistogramSnapshot
+from kvscale.latency import LatencyModelError, latency_model_from_dict, load_latency_model, prefill_attn_term
 from predictor.capacity import (
     SLO,
     CapacityCache,
@@ -25,7 +26,6 @@ from predictor.dataset import DatasetError, read_requests, request_row, write_ma
 from predictor.fit import FitError, fit_profile, out_of_range
 from predictor.importer import ImportError_, import_results
 from predictor.profiler import ProfileConfig, build_points, steady_decode_window
-from simulator.latency import LatencyModelError, latency_model_from_dict, load_latency_model, prefill_attn_term
 from tests.unit.models_for_tests import LAT
 
 H100 = load_latency_model("llama-3.1-8b-h100")

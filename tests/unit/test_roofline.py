@@ -8,8 +8,8 @@ import math
 
 import pytest
 
-from simulator import roofline
-from simulator.latency import builtin_models, load_latency_model
+from kvscale.latency import builtin_models, load_latency_model
+from predictor import roofline
 
 NAMES = sorted(roofline.PRESETS)
 
@@ -24,7 +24,7 @@ def test_committed_file_equals_current_derivation(name: str) -> None:
     path = roofline.MODELS_DIR / f"{name}.json"
     on_disk = json.loads(path.read_text())
     assert on_disk == json.loads(roofline.render(roofline.PRESETS[name])), (
-        f"{path} is stale: run `python -m simulator.roofline`"
+        f"{path} is stale: run `python -m predictor.roofline`"
     )
     loaded = load_latency_model(path)
     derived = roofline.derive(roofline.PRESETS[name])

@@ -14,6 +14,7 @@ import pytest
 
 from kvscale.engine_stats import EngineStats
 from kvscale.kv_events import BlockStored
+from kvscale.tokenizer import FallbackTokenizer
 from router.backends import Backend, BackendPool
 from router.context import RequestContext
 from router.policies import Outcome, PluginConfigError, Services, build_policies, load_registry
@@ -22,7 +23,6 @@ from router.policies.length_buckets import LengthBucketFilter
 from router.policies.lora_affinity import LoraAffinityScorer
 from router.policies.session_affinity import SessionAffinityScorer, rendezvous_order
 from router.policies.slo import SloScorer
-from simulator.tokenizer import FallbackTokenizer
 
 TOK = FallbackTokenizer()
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
+from kvscale.latency import load_latency_model
 from scaler.evaluate import EvalConfig, Evaluation, OracleController
 from scaler.hpa import DEPLOY_DIR, Hpa, HpaBehavior, HpaPolicy, HpaRules, committed_behavior
 from simulator.cluster import Cluster
 from simulator.engine import EngineConfig
-from simulator.latency import load_latency_model
 from simulator.scheduler import SchedulerConfig
 
 

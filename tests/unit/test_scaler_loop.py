@@ -6,10 +6,10 @@ import itertools
 
 import pytest
 
+from kvscale.latency import load_latency_model
 from scaler.metadata import parse_scaler_metadata
 from scaler.policy import ScalingPolicy
 from scaler.service import Tracker, _next_tick
-from simulator.latency import load_latency_model
 
 
 def test_next_tick_is_on_the_phase_grid_at_least_half_an_interval_away():

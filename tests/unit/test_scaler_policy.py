@@ -6,12 +6,12 @@ import math
 
 import pytest
 
+from kvscale.latency import load_latency_model
 from predictor.capacity import SLO, aggregated_capacity_rps, decode_capacity, prefill_capacity_tokens_per_s
 from scaler.forecast import HoltForecaster
 from scaler.metadata import parse_scaler_metadata
 from scaler.policy import ScalingPolicy
 from scaler.signals import PoolSignals
-from simulator.latency import load_latency_model
 
 MODEL = load_latency_model("llama-3.1-8b-h100")
 

@@ -9,8 +9,8 @@ import zlib
 import pytest
 from models_for_tests import LAT
 
+from kvscale.latency import prefill_attn_term
 from simulator.engine import EngineConfig, EngineCore, StepOutput
-from simulator.latency import prefill_attn_term
 from simulator.request import Request, Status
 from simulator.scheduler import ScheduledBatch, SchedulerConfig
 

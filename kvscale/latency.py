@@ -241,8 +241,8 @@ def _validate_fit_section(model: LatencyModel) -> None:
 
 
 def builtin_models() -> list[str]:
-    """Names of the latency models shipped in ``simulator/models``."""
-    files = resources.files("simulator.models")
+    """Names of the latency models shipped in ``kvscale/models``."""
+    files = resources.files("kvscale.models")
     return sorted(p.name.removesuffix(".json") for p in files.iterdir() if p.name.endswith(".json"))
 
 
@@ -255,7 +255,7 @@ def load_latency_model(spec: str | Path) -> LatencyModel:
         except OSError as e:
             raise LatencyModelError(f"latency model {str(spec)!r}: cannot read file: {e.strerror}") from e
     else:
-        res = resources.files("simulator.models").joinpath(f"{spec}.json")
+        res = resources.files("kvscale.models").joinpath(f"{spec}.json")
         if not res.is_file():
             raise LatencyModelError(
                 f"latency model {str(spec)!r}: no such file or built-in model (built-ins: {builtin_models()})"

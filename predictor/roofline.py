@@ -1,6 +1,6 @@
 """Roofline-arithmetic default latency models (``kind: "estimate"``) until measured profiles replace them.
 
-Each coefficient of the ``linear-v1`` step-time form (see ``simulator.latency``) is derived from the model's
+Each coefficient of the ``linear-v1`` step-time form (see ``kvscale.latency``) is derived from the model's
 shape, the GPU's datasheet peaks and a few stated efficiency assumptions:
 
 * ``base_s``: every step streams all weights from HBM once, plus a fixed scheduler/launch overhead (and, with
@@ -15,7 +15,7 @@ shape, the GPU's datasheet peaks and a few stated efficiency assumptions:
 * ``kv_transfer``: KV bytes per token over an assumed inter-node bandwidth, plus a fixed setup cost.
 
 Every input and intermediate number is written into the artifact's ``derivation`` object so that a reader can
-check the arithmetic. ``python -m simulator.roofline`` (re)writes ``simulator/models/<preset>.json``;
+check the arithmetic. ``python -m predictor.roofline`` (re)writes ``kvscale/models/<preset>.json``;
 ``--check`` only verifies that the files on disk match what this module derives now.
 """
 
@@ -26,12 +26,13 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from simulator.latency import LatencyModel, StepCoefficients
+from kvscale.latency import LatencyModel, StepCoefficients
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
+MODELS_DIR = Path(str(resources.files("kvscale.models")))
 
 NOTES = (
     "Estimate from roofline arithmetic (datasheet peaks x assumed efficiencies), not a measurement. "
@@ -109,7 +110,7 @@ class Assumptions:
 class Preset:
     """One shipped default model: a model shape on a GPU type with a tensor-parallel degree."""
 
-    name: str  # file stem in simulator/models
+    name: str  # file stem in kvscale/models
     model: ModelShape
     gpu: Gpu
     tensor_parallel: int
@@ -319,7 +320,7 @@ def kv_cache_estimate(preset: Preset) -> dict[str, Any]:
 
 
 def render(preset: Preset) -> str:
-    """The JSON text of ``preset``'s artifact, exactly as written to ``simulator/models``."""
+    """The JSON text of ``preset``'s artifact, exactly as written to ``kvscale/models``."""
     return derive(preset).dumps()
 
 
@@ -351,7 +352,7 @@ def stale_models(out_dir: Path = MODELS_DIR) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: write the roofline models (default) or, with ``--check``, fail if the files on disk are stale."""
     ap = argparse.ArgumentParser(
-        prog="python -m simulator.roofline", description=(__doc__ or "").split("\n", 1)[0]
+        prog="python -m predictor.roofline", description=(__doc__ or "").split("\n", 1)[0]
     )
     ap.add_argument("--out-dir", type=Path, default=MODELS_DIR, help="directory of the JSON files")
     ap.add_argument("--check", action="store_true", help="do not write; exit 1 if a file is missing or stale")
@@ -360,7 +361,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stale = stale_models(args.out_dir)
         if stale:
             print(
-                f"stale roofline models in {args.out_dir}: {stale}; run python -m simulator.roofline",
+                f"stale roofline models in {args.out_dir}: {stale}; run python -m predictor.roofline",
                 file=sys.stderr,
             )
             return 1
