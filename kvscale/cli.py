@@ -17,12 +17,12 @@ from kvscale import __version__
 # Top-level command -> the module that registers it.
 _PARTS = {
     "sim": "simulator.cli",
-    "demo": "kvscale.demo",
+    "demo": "demo.main",
     "profile": "predictor.cli",
     "scaler": "scaler.cli",
     "eval": "scaler.cli",
     "router": "router.cli",
-    "bench": "router.bench.cli",
+    "bench": "bench.cli",
 }
 
 

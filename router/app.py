@@ -1,4 +1,4 @@
-"""The router application: an explicit factory (:func:`create_app`) and its per-app state (:class:`RouterState`).
+"""The router application: an explicit factory (:func:`create_app`) over its per-app state (:mod:`router.state`).
 
 Pipeline: discovery → :class:`BackendPool` (kept fresh by :class:`BackendMonitor`) → policy pipeline
 (:mod:`router.policies`) → proxy (:mod:`router.proxy`). Security (API keys, body limit, JSON validation),
@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import importlib
-import importlib.util
 import json
 import logging
 import random
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -33,68 +30,16 @@ from router.errors import ApiError, error_body
 from router.governance import GovernanceLog, sampling_params
 from router.metrics import RouterMetrics
 from router.monitor import BackendMonitor
-from router.policies import Pipeline, Services, build_policies, load_policy_file, load_registry
+from router.pd import handle_pd
+from router.policies import Services, build_policies, load_policy_file, load_registry
 from router.prefix_index import PrefixIndex
-from router.proxy import PdHandler, route_with_retries
+from router.proxy import route_with_retries
 from router.security import KeyChecker
+from router.state import POLICY_HEADER, STATE_KEY, RouterState
 
 log = logging.getLogger("kvscale.router")
 
 __all__ = ["POLICY_HEADER", "STATE_KEY", "RouterState", "create_app"]
-
-POLICY_HEADER = "x-kvscale-policy"
-
-
-@dataclass
-class RouterState:
-    """Everything one router app owns. Handlers and the P/D handler reach it as ``request.app[STATE_KEY]``."""
-
-    config: RouterConfig
-    clock: Callable[[], float]
-    rng: random.Random
-    pool: BackendPool
-    metrics: RouterMetrics
-    services: Services
-    policies: dict[str, Pipeline]
-    admission: Admission
-    governance: GovernanceLog
-    keys: KeyChecker
-    discovery: Any
-    pd_handler: PdHandler | None = None
-    session: aiohttp.ClientSession = field(default=None)  # type: ignore[assignment]  # set on startup
-    upstream_timeout: aiohttp.ClientTimeout = field(default=None)  # type: ignore[assignment]  # from the config
-    monitor: BackendMonitor = field(default=None)  # type: ignore[assignment]
-    _bg: set[asyncio.Task[Any]] = field(default_factory=set)
-
-    def policy_for(self, headers) -> Pipeline:
-        name = headers.get(POLICY_HEADER) or self.config.policy
-        pipeline = self.policies.get(name)
-        if pipeline is None:
-            raise ApiError(400, f"unknown routing policy {name!r} in {POLICY_HEADER}; known: {sorted(self.policies)}",
-                           POLICY_HEADER)  # fmt: skip
-        return pipeline
-
-    def model_label(self, model: str) -> str:
-        """``model`` if a backend serves it, else "other" (keeps metric labels bounded)."""
-        return model if self.pool.serves(model) else "other"
-
-    def select(self, ctx: RequestContext, candidates: list[Backend], pipeline: Pipeline | None = None):
-        """Run a policy over ``candidates`` (helper for the P/D handler)."""
-        return (pipeline or self.policies[self.config.policy]).select(ctx, candidates)
-
-    def spawn(self, coro) -> None:
-        task = asyncio.create_task(coro)
-        self._bg.add(task)
-        task.add_done_callback(self._bg.discard)
-
-
-STATE_KEY: web.AppKey[RouterState] = web.AppKey("kvscale_router", RouterState)
-
-
-def _load_pd_handler() -> PdHandler | None:
-    if importlib.util.find_spec("router.pd") is None:
-        return None
-    return getattr(importlib.import_module("router.pd"), "handle_pd", None)
 
 
 def create_app(
@@ -142,7 +87,6 @@ def create_app(
         governance=GovernanceLog(config.governance_log),
         keys=KeyChecker(config.api_keys),
         discovery=discovery,
-        pd_handler=_load_pd_handler(),
         upstream_timeout=aiohttp.ClientTimeout(
             total=config.request_timeout_s or None, sock_connect=config.connect_timeout_s,
             sock_read=config.read_timeout_s,
@@ -300,8 +244,8 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         admission = state.admission
         await admission.acquire()
         try:
-            if state.pd_handler is not None and any(b.role == "prefill" for b in serving):
-                resp = await state.pd_handler(state, ctx, request, pipeline, path)
+            if any(b.role == "prefill" for b in serving):
+                resp = await handle_pd(state, ctx, request, pipeline, path)
             else:
                 resp = await route_with_retries(state, ctx, request, pipeline, path)
         finally:

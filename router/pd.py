@@ -1,4 +1,4 @@
-"""Prefill/decode disaggregated orchestration (the router's P/D extension point, see :mod:`router.proxy`).
+"""Prefill/decode disaggregated orchestration (called by the completion handlers of :mod:`router.app`).
 
 When the model's backends include ``role=prefill`` backends (``--backend URL,role=prefill`` or the pod label
 ``kvscale.io/role`` / ``llm-d.ai/role``), each completion runs in two legs sharing one request id
@@ -31,9 +31,9 @@ from router.errors import ApiError
 from router.policies import Pipeline, Services
 from router.policies.kv_events import KVEventsScorer
 from router.proxy import RetryableFailure, backoff_delay, post_json, route_with_retries
+from router.state import RouterState
 
 if TYPE_CHECKING:
-    from router.app import RouterState
     from router.backends import Backend
     from router.context import RequestContext
 

@@ -11,19 +11,9 @@ Reusable helpers (also for the P/D handler):
 * :func:`forward_headers`, :func:`usage_from_sse_tail`, :func:`post_json` (a non-streaming JSON call to a backend
   with failure accounting — e.g. the prefill leg of P/D).
 
-P/D extension point
--------------------
-If the model's backends include ``role=prefill`` backends and the module ``router.pd`` exists, the completion
-handlers delegate to::
-
-    async def handle_pd(state: RouterState, ctx: RequestContext, request: web.Request,
-                        pipeline: Pipeline, path: str) -> web.StreamResponse
-
-``state`` is the app's :class:`router.app.RouterState` (``pool``, ``policies``, ``session``, ``config``,
-``metrics``, ``services``, ``clock``, ``rng``); ``ctx.body`` the parsed JSON and ``ctx.raw_body`` the original
-bytes; ``path`` is ``/v1/completions`` or ``/v1/chat/completions``. It runs inside the admission slot and its
-result's status is logged and counted like any other. It may raise :class:`router.errors.ApiError`. Without
-``router.pd``, prefill-role backends are simply not routed to.
+P/D: when the model's backends include ``role=prefill`` backends, the completion handlers call
+:func:`router.pd.handle_pd`, which runs the prefill leg with :func:`post_json` and streams the decode leg through
+:func:`route_with_retries`.
 """
 
 from __future__ import annotations
@@ -33,9 +23,9 @@ import json
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -45,14 +35,11 @@ from router.backends import Backend
 from router.context import RequestContext
 from router.errors import ApiError, sse_error_event
 from router.policies import Outcome, Pipeline
-
-if TYPE_CHECKING:
-    from router.app import RouterState
+from router.state import RouterState
 
 log = logging.getLogger("kvscale.router")
 
 __all__ = [
-    "PdHandler",
     "RetryableFailure",
     "attempt",
     "backoff_delay",
@@ -62,8 +49,6 @@ __all__ = [
     "usage_from_json",
     "usage_from_sse_tail",
 ]
-
-PdHandler = Callable[["RouterState", RequestContext, web.Request, Pipeline, str], Awaitable[web.StreamResponse]]
 
 _HOP = {"host", "content-length", "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
         "trailer", "transfer-encoding", "upgrade", "authorization", "x-kvscale-policy", "accept-encoding"}  # fmt: skip

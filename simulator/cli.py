@@ -183,7 +183,11 @@ def run_main(args: argparse.Namespace) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``kvscale sim serve`` and ``kvscale sim run``."""
     sim = sub.add_parser("sim", help="the vLLM-faithful engine simulator")
-    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    add_commands(sim.add_subparsers(dest="sim_command", required=True))
+
+
+def add_commands(sim_sub: argparse._SubParsersAction) -> None:
+    """``serve`` and ``run`` (under ``kvscale sim``, or ``python -m simulator``)."""
     serve = sim_sub.add_parser("serve", help="serve vLLM's OpenAI API from the engine model (real time)")
     add_serve_args(serve)
     serve.set_defaults(func=serve_main)

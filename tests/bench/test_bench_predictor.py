@@ -67,8 +67,8 @@ def test_bench_predictor(record_bench, vllm_server, tmp_path: Path) -> None:  # 
 def test_bench_predictor_small_model(record_bench, tmp_path: Path) -> None:
     """The fidelity loop on the small model: its own vLLM CPU server (the session's tiny-model server stays idle),
     a lower load (4 req/s: a small-model replica serves ~10x less than a tiny one)."""
-    from kvscale.testing.tinymodel import cached_tiny_model
-    from kvscale.testing.vllm_server import start_vllm_cpu
+    from harness.tinymodel import cached_tiny_model
+    from harness.vllm_server import start_vllm_cpu
 
     model_dir = cached_tiny_model("small")
     server = start_vllm_cpu(model_dir, log_path=tmp_path / "vllm-small.log", num_gpu_blocks=512)

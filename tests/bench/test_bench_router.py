@@ -38,13 +38,13 @@ import pytest
 from rich.console import Console
 from rich.table import Table
 
+from harness.procs import ManagedProcess, free_port
+from harness.simpods import sim_pod_process, step_model
 from kvscale.engine_stats import parse_metrics
 from kvscale.loadgen import stream_completion
-from kvscale.testing.procs import ManagedProcess, free_port
 from router.context import RequestContext
 from router.policies import Services, build_policies, load_registry
 from router.prefix_index import PrefixIndex
-from router.testing import sim_process
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_ROUTER = REPO / ".venv" / "bin" / "vllm-router"
@@ -184,8 +184,9 @@ def _routers(tmp: Path, backend: str) -> dict[str, tuple[ManagedProcess, str]]:
 
 @pytest.mark.timeout(1800)
 def test_router_latency_throughput_streams(tmp_path, record_bench):
-    sim, sim_url = sim_process(tmp_path, base_s=0.0, cpu=CLIENT_CPU if _can_pin() else None,
-                               extra=["--max-num-seqs", "2048"])  # fmt: skip
+    pod = sim_pod_process(step_model(0.0), log_path=tmp_path / "sim.log", cpu=CLIENT_CPU if _can_pin() else None,
+                          args=["--max-num-seqs", "2048"])  # fmt: skip
+    sim, sim_url = pod.process, pod.url
     sim.start()
     routers: dict[str, tuple[ManagedProcess, str]] = {}
     pinned = contextlib.ExitStack()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from router.bench.routing import BenchConfig, print_table, run
-from router.bench.workloads import TINY_VLLM_BLOCKS, TINY_VLLM_SCALE
+from bench.routing import BenchConfig, print_table, run
+from bench.workloads import TINY_VLLM_BLOCKS, TINY_VLLM_SCALE
 
 FULL = os.environ.get("KVSCALE_BENCH_FULL", "") not in ("", "0")
 N = 4 if FULL else 2

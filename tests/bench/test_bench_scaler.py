@@ -16,12 +16,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from kvscale.testing.procs import free_port
+from harness.procs import free_port
+from harness.simpods import SIM_MODEL as MODEL
+from harness.simpods import write_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.evaluate import EvalConfig, Evaluation, KvscaleProducer, VirtualSource, goal_check, print_table
 from scaler.policy import ScalingPolicy
-from scaler.testing import write_latency_model
 
 DEFAULT_CASES = "diurnal:reasoning,step:reasoning"
 ALL_CASES = ",".join(f"{t}:{w}" for t in ("diurnal", "step", "bursty") for w in ("chat", "rag", "reasoning"))
@@ -123,8 +124,7 @@ def test_bench_getmetrics_latency_20_scaledobjects(record_bench, tmp_path):
     import sys
     import urllib.request
 
-    from kvscale.testing.procs import ManagedProcess
-    from scaler.testing import MODEL
+    from harness.procs import ManagedProcess
 
     model = write_latency_model(tmp_path / "model.json")
     py = sys.executable
@@ -151,7 +151,7 @@ def test_bench_getmetrics_latency_20_scaledobjects(record_bench, tmp_path):
                 proc.wait_http_ready(f"http://127.0.0.1:{port}/health", timeout=60)
             scaler.start().wait_http_ready(f"http://127.0.0.1:{metrics_port}/healthz", timeout=60)
             urls = ",".join(f"http://127.0.0.1:{p}" for p in ports)
-            load = subprocess.Popen([py, "-m", "scaler.testing", "load", "--urls", urls, "--rate", "6",
+            load = subprocess.Popen([py, "-m", "harness.load", "--urls", urls, "--rate", "6",
                                      "--duration", "60"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
             refs = [
                 pb.ScaledObjectRef(name=f"so-{i}", namespace="bench", scalerMetadata={

@@ -17,9 +17,9 @@ import aiohttp
 from rich.console import Console
 from rich.table import Table
 
+from harness.procs import ManagedProcess, free_port
 from kvscale.latency import load_latency_model
 from kvscale.loadgen import stream_completion
-from kvscale.testing.procs import ManagedProcess, free_port
 from simulator.cluster import Cluster, LeastRequest
 from simulator.engine import EngineConfig
 from simulator.workload import build_trace

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kvscale.testing.tinymodel import cached_tiny_model
-from kvscale.testing.vllm_server import VllmServer, start_vllm_cpu, vllm_available
+from harness.tinymodel import cached_tiny_model
+from harness.vllm_server import VllmServer, start_vllm_cpu, vllm_available
 
 # A small KV cache (256 blocks of 32 tokens = 8192 tokens) so that eviction and cache usage are observable;
 # still room for eight max-length (1024-token) requests at once.

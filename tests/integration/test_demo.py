@@ -2,7 +2,7 @@
 on a local port), the demo's KEDA+HPA controller as a real gRPC client, traffic through the router.
 
 There is no Kubernetes API server here: the demo's controller publishes Ready pods in a JSON file that the router
-and the scaler read (``kvscale.demo_stack``) — that file is the only stand-in.
+and the scaler read (``demo.stack``) — that file is the only stand-in.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from kvscale.demo_control import Hpa, HpaSpec
+from demo.control import Hpa, HpaSpec
 
 FAST = ["--polling-interval", "1", "--startup-delay", "1", "--stabilization-window", "4",
         "--scaler-stable-window", "4"]  # fmt: skip

@@ -22,10 +22,10 @@ import zmq.asyncio
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.procs import free_port
+from harness.vllm_server import VllmServer
 from kvscale.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, decode_message
 from kvscale.latency import LatencyModel, StepCoefficients
-from kvscale.testing.procs import free_port
-from kvscale.testing.vllm_server import VllmServer
 from kvscale.tokenizer import HFTokenizer
 from simulator.engine import EngineConfig
 from simulator.kv_publisher import KVEventsConfig

@@ -14,17 +14,22 @@ import openai
 import zmq
 import zmq.asyncio
 
+from harness.procs import free_port
+from harness.simpods import KV_TOPIC, Pod, kv_events_config, sim_pod
 from kvscale.kv_events import BlockStored, EventBatch, decode_message, encode_message
 from kvscale.latency import LatencyModel, StepCoefficients
-from kvscale.testing.procs import free_port
 from kvscale.tokenizer import FallbackTokenizer
-from router.bench.pods import Pod, kv_events_config, sim_pod
 from router.kvevents import EventSource, KVEventsManager, KVEventSubscriber
 from simulator.kv_publisher import ZmqKVEventPublisher
 
 MODEL = "sim-model"
 TOK = FallbackTokenizer()
 LAT = LatencyModel(name="const", coefficients=StepCoefficients(1e-3, 0.0, 0.0, 0.0, 0.0))
+
+
+def kv_pod(**kw):
+    """An in-process simulator pod publishing KV events (ZMQ PUB + replay)."""
+    return sim_pod(LAT, kv_events=True, **kw)
 
 
 async def wait_until(cond: Callable[[], bool], timeout: float = 5.0, what: str = "condition") -> None:
@@ -39,6 +44,10 @@ def prompt(tag: str, words: int = 100) -> str:
     return " ".join(f"{tag}{i}" for i in range(words))
 
 
+def events(pod: Pod) -> EventSource:
+    return EventSource(pod.kv_endpoint or "", KV_TOPIC, pod.replay_endpoint)
+
+
 async def cached(pod: Pod, text: str) -> int:
     async with openai.AsyncOpenAI(base_url=pod.url + "/v1", api_key="x", max_retries=0) as c:
         r = await c.completions.create(model=MODEL, prompt=text, max_tokens=2)
@@ -48,8 +57,8 @@ async def cached(pod: Pod, text: str) -> int:
 async def test_index_predicts_cached_tokens_on_two_pods() -> None:
     mgr = KVEventsManager()
     try:
-        async with sim_pod(LAT) as a, sim_pod(LAT) as b:
-            await mgr.sync({a.url: a.events, b.url: b.events})
+        async with kv_pod() as a, kv_pod() as b:
+            await mgr.sync({a.url: events(a), b.url: events(b)})
             await wait_until(lambda: all(s.connected.is_set() for s in mgr.subscribers.values()), what="connect")
             await asyncio.sleep(0.2)  # ZMQ slow joiner: the subscription reaches the publisher
             pa, pb = prompt("alpha"), prompt("beta", 150)
@@ -73,10 +82,10 @@ async def test_index_predicts_cached_tokens_on_two_pods() -> None:
 async def test_late_subscriber_learns_history_from_the_replay_socket() -> None:
     mgr = KVEventsManager()
     try:
-        async with sim_pod(LAT) as a:
+        async with kv_pod() as a:
             text = prompt("early")
             await cached(a, text)  # published before anyone subscribed
-            await mgr.sync({a.url: a.events})
+            await mgr.sync({a.url: events(a)})
             await wait_until(lambda: mgr.subscribers[a.url].connected.is_set(), what="connect")
             await asyncio.sleep(0.2)
             await cached(a, prompt("later"))  # the first live batch triggers a replay from sequence 0
@@ -105,13 +114,14 @@ async def test_gap_is_filled_from_replay_or_clears_the_backend() -> None:
         ]
         for evs in batches:
             pub.publish(evs)
-        with_replay = KVEventSubscriber("p", Pod("", 0, kv_port, replay_port).events, mgr.index, ctx)
+        source = EventSource(f"tcp://127.0.0.1:{kv_port}", KV_TOPIC, f"tcp://127.0.0.1:{replay_port}")
+        with_replay = KVEventSubscriber("p", source, mgr.index, ctx)
         await with_replay.on_message(0, EventBatch(0.0, batches[0]))
         await with_replay.on_message(2, EventBatch(0.0, batches[2]))  # seq 1 went missing
         assert with_replay.stats.gaps == 1 and with_replay.stats.gaps_replayed == 1
         assert mgr.predict_cached_tokens([*toks, 0], ["p"])["p"] == 12
 
-        no_replay = KVEventSubscriber("q", Pod("", 0, kv_port, None).events, mgr.index, ctx)
+        no_replay = KVEventSubscriber("q", EventSource(f"tcp://127.0.0.1:{kv_port}", KV_TOPIC), mgr.index, ctx)
         await no_replay.on_message(0, EventBatch(0.0, batches[0]))
         await no_replay.on_message(2, EventBatch(0.0, batches[2]))
         assert no_replay.stats.gaps_cleared == 1
@@ -128,10 +138,10 @@ async def test_gap_is_filled_from_replay_or_clears_the_backend() -> None:
 async def test_pod_restart_clears_and_resubscribes() -> None:
     mgr = KVEventsManager()
     try:
-        async with sim_pod(LAT) as a:
+        async with kv_pod() as a:
             ports = {"port": a.port, "kv_port": a.kv_port, "replay_port": a.replay_port}
             url = a.url
-            await mgr.sync({url: a.events})
+            await mgr.sync({url: events(a)})
             sub = mgr.subscribers[url]
             await wait_until(sub.connected.is_set, what="connect")
             await asyncio.sleep(0.2)
@@ -141,7 +151,7 @@ async def test_pod_restart_clears_and_resubscribes() -> None:
             await wait_until(lambda: mgr.predict_cached_tokens(t_old, [url])[url] > 0, what="events")
         # the pod is gone: its entries must go too (its cache died with it)
         await wait_until(lambda: mgr.predict_cached_tokens(t_old, [url])[url] == 0, what="clear on disconnect")
-        async with sim_pod(LAT, **ports) as a2:
+        async with kv_pod(**ports) as a2:
             await wait_until(sub.connected.is_set, timeout=10, what="reconnect")
             await asyncio.sleep(0.3)
             new = prompt("after")

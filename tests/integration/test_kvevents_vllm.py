@@ -14,8 +14,8 @@ import aiohttp
 import openai
 import pytest
 
+from harness.vllm_server import VllmServer
 from kvscale.engine_stats import scrape
-from kvscale.testing.vllm_server import VllmServer
 from router.kvevents import EventSource, KVEventsManager, load_tokenizer, prompt_token_ids
 
 pytestmark = pytest.mark.vllm

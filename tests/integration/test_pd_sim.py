@@ -14,11 +14,11 @@ from collections.abc import AsyncIterator
 import openai
 from aiohttp import web
 
+from harness.procs import free_port
+from harness.simpods import Pod, sim_pod
 from kvscale.latency import LatencyModel, StepCoefficients
-from kvscale.testing.procs import free_port
 from router.app import create_app
 from router.backends import parse_backend_spec
-from router.bench.pods import Pod, sim_pod
 from router.config import RouterConfig
 from router.pd import prefill_body
 
@@ -28,8 +28,13 @@ LAT = LatencyModel(name="pd", coefficients=StepCoefficients(2e-3, 1e-5, 0.0, 1e-
 PROMPT = " ".join(f"word{i}" for i in range(200))
 
 
+def kv_pod(**kw):
+    """An in-process simulator pod publishing KV events (ZMQ PUB + replay)."""
+    return sim_pod(LAT, kv_events=True, **kw)
+
+
 def spec(pod: Pod) -> str:
-    return f"{pod.url},role={pod.role},model={MODEL},kv-events={pod.events.endpoint}"
+    return f"{pod.url},role={pod.role},model={MODEL},kv-events={pod.kv_endpoint}"
 
 
 @contextlib.asynccontextmanager
@@ -54,7 +59,7 @@ def test_prefill_body_asks_for_one_token_and_remote_decode() -> None:
 
 
 async def test_pd_streams_through_prefill_then_decode() -> None:
-    async with sim_pod(LAT, role="prefill") as p, sim_pod(LAT, role="decode") as d:
+    async with kv_pod(role="prefill") as p, kv_pod(role="decode") as d:
         async with router([spec(p), spec(d)]) as url:
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
             try:
@@ -88,7 +93,7 @@ async def test_pd_streams_through_prefill_then_decode() -> None:
 
 async def test_prefill_retries_on_another_pod_and_falls_back_to_decode_pods() -> None:
     dead = f"http://127.0.0.1:{free_port()},role=prefill,model={MODEL}"
-    async with sim_pod(LAT, role="prefill") as p, sim_pod(LAT, role="decode") as d, \
+    async with kv_pod(role="prefill") as p, kv_pod(role="decode") as d, \
             router([dead, spec(p), spec(d)]) as url:  # fmt: skip
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
             try:
@@ -98,7 +103,7 @@ async def test_prefill_retries_on_another_pod_and_falls_back_to_decode_pods() ->
             finally:
                 await client.close()
     # every prefill pod down: the decode pod serves alone
-    async with sim_pod(LAT, role="decode") as d2, router([dead, spec(d2)]) as url:
+    async with kv_pod(role="decode") as d2, router([dead, spec(d2)]) as url:
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
         try:
             r = await client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4)
@@ -110,8 +115,8 @@ async def test_prefill_retries_on_another_pod_and_falls_back_to_decode_pods() ->
 
 async def test_prefill_pod_choice_is_prefix_aware() -> None:
     """Two prefill pods: a repeated prompt goes back to the pod whose cache holds it (KV events)."""
-    async with sim_pod(LAT, role="prefill") as p1, sim_pod(LAT, role="prefill") as p2, \
-            sim_pod(LAT, role="decode") as d, \
+    async with kv_pod(role="prefill") as p1, kv_pod(role="prefill") as p2, \
+            kv_pod(role="decode") as d, \
             router([spec(p1), spec(p2), spec(d)], policy="kv-events") as url:  # fmt: skip
             client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=30)
             try:

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from harness.procs import ManagedProcess, free_port
 from kvscale.engine_stats import scrape
 from kvscale.loadgen import stream_completion
-from kvscale.testing.procs import ManagedProcess, free_port
 from predictor.dataset import measured_points, read_engine, read_manifest, read_point_stats, read_requests
 from predictor.fit import fit_profile
 from predictor.profiler import ProfileConfig, ProfileError, run_profile

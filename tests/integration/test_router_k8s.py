@@ -21,10 +21,11 @@ import aiohttp
 import pytest
 from aiohttp import web
 from kubernetes import client as k8s
+from routers_for_tests import serve_router
 
-from kvscale.testing.procs import free_port
+from harness.procs import free_port
+from harness.simpods import sim_pod
 from router.discovery import KubernetesDiscovery
-from router.testing import serve_router, serve_sim
 
 MODEL = "sim-model"
 
@@ -129,7 +130,7 @@ def _port(url: str) -> int:
 
 @pytest.mark.timeout(90)
 async def test_watch_and_relist_against_fake_api_server():
-    async with fake_api() as (api, api_url), serve_sim() as s1, serve_sim() as s2, serve_sim() as s3:
+    async with fake_api() as (api, api_url), sim_pod() as s1, sim_pod() as s2, sim_pod() as s3:
         api.put("pod-a", _port(s1.url), labels={"kvscale.io/role": "both", "group": "long"})
         api.put("pod-b", _port(s2.url))
         api.put("pod-c", _port(s3.url), ready=False)  # not Ready: never routed to

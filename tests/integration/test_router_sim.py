@@ -17,8 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
+from routers_for_tests import RunningRouter, serve_router
 
-from router.testing import RunningRouter, RunningSim, serve_router, serve_sim, sim_process
+from harness.simpods import Pod, sim_pod, sim_pod_process, step_model
 
 MODEL = "sim-model"
 SYSTEM = "You are a careful assistant who answers in short sentences. " * 8  # 472 chars: 7 prefix blocks
@@ -48,13 +49,13 @@ async def oai(url: str, key: str = "x") -> AsyncIterator[openai.AsyncOpenAI]:
 
 
 @pytest.fixture
-async def sims() -> AsyncIterator[list[RunningSim]]:
-    async with serve_sim() as a, serve_sim() as b:
+async def sims() -> AsyncIterator[list[Pod]]:
+    async with sim_pod() as a, sim_pod() as b:
         yield [a, b]
 
 
 @pytest.fixture
-async def router(sims: list[RunningSim], tmp_path: Path) -> AsyncIterator[RunningRouter]:
+async def router(sims: list[Pod], tmp_path: Path) -> AsyncIterator[RunningRouter]:
     async with serve_router([s.url for s in sims], policy="prefix", governance_log=str(tmp_path / "gov.jsonl"),
                             max_body_bytes=64 * 1024) as r:  # fmt: skip
         yield r
@@ -88,7 +89,7 @@ async def test_openai_sdk_through_the_router(router: RunningRouter, tmp_path: Pa
     assert "secret" not in (tmp_path / "gov.jsonl").read_text()
 
 
-async def test_streaming_bytes_pass_through_unchanged(sims: list[RunningSim], http: aiohttp.ClientSession):
+async def test_streaming_bytes_pass_through_unchanged(sims: list[Pod], http: aiohttp.ClientSession):
     """The router relays the backend's SSE events as they are: same events, same fields, same framing (the
     simulator's ids, timestamps and sampled words differ between two calls, so those are left out)."""
     async with serve_router([sims[0].url]) as r:
@@ -136,7 +137,7 @@ async def test_backend_4xx_passes_through(router: RunningRouter, http: aiohttp.C
         assert (await r.json())["error"]["param"]
 
 
-async def test_api_keys(sims: list[RunningSim], http: aiohttp.ClientSession):
+async def test_api_keys(sims: list[Pod], http: aiohttp.ClientSession):
     async with serve_router([sims[0].url], api_keys=frozenset({"k1", "k2"})) as r:
         async with oai(r.url, key="wrong") as bad:
             with pytest.raises(openai.AuthenticationError):
@@ -178,13 +179,11 @@ async def test_prefix_policy_sticks_and_hits_the_engine_cache(router: RunningRou
 async def test_kill_a_backend_mid_load_loses_no_request(tmp_path: Path, http: aiohttp.ClientSession):
     """Three ``kvscale sim serve`` processes; one is SIGKILLed while 120 non-streaming requests run (20 at a time).
     Requests it held or that were routed to it before ejection are retried elsewhere: every request succeeds."""
-    procs = [sim_process(tmp_path, base_s=0.01) for _ in range(3)]
-    for p, _ in procs:
-        p.start()
+    pods = [sim_pod_process(step_model(0.01), log_path=tmp_path / f"sim-{i}.log") for i in range(3)]
     try:
-        for p, url in procs:
-            await asyncio.to_thread(p.wait_http_ready, url + "/health", 60)
-        async with serve_router([u for _, u in procs], policy="round-robin", health_interval_s=0.5) as r:
+        for p in pods:
+            await asyncio.to_thread(p.start)
+        async with serve_router([p.url for p in pods], policy="round-robin", health_interval_s=0.5) as r:
             sem = asyncio.Semaphore(20)
             statuses: list[int] = []
 
@@ -197,24 +196,25 @@ async def test_kill_a_backend_mid_load_loses_no_request(tmp_path: Path, http: ai
             tasks = [asyncio.create_task(one(i)) for i in range(120)]
             while len(statuses) < 30:
                 await asyncio.sleep(0.01)
-            procs[1][0].popen.kill()  # SIGKILL mid-load
+            pods[1].process.popen.kill()  # SIGKILL mid-load
             await asyncio.gather(*tasks)
             assert Counter(statuses) == {200: 120}
             async with http.get(r.url + "/metrics") as m:
                 text = await m.text()
             assert metric(text, "kvscale_router_retries_total") >= 1
             await asyncio.sleep(1.5)  # active health checks take it out of rotation
-            dead = r.state.pool.get(procs[1][1])
+            dead = r.state.pool.get(pods[1].url)
             assert not dead.healthy or dead.ejected_until > r.state.clock()
             async with http.get(r.url + "/ready") as ready:
                 assert (await ready.json())["available_backends"] == 2
     finally:
-        for p, _ in procs:
-            p.stop()
+        for p in pods:
+            await p.stop()
 
 
 async def test_failure_after_first_byte_ends_stream_with_error_event(tmp_path: Path, http: aiohttp.ClientSession):
-    proc, url = sim_process(tmp_path, base_s=0.02)
+    pod = sim_pod_process(step_model(0.02), log_path=tmp_path / "sim.log")
+    proc, url = pod.process, pod.url
     with proc:
         await asyncio.to_thread(proc.wait_http_ready, url + "/health", 60)
         async with serve_router([url]) as r:
@@ -234,7 +234,7 @@ async def test_failure_after_first_byte_ends_stream_with_error_event(tmp_path: P
 
 
 async def test_client_disconnect_cancels_the_upstream_request(http: aiohttp.ClientSession):
-    async with serve_sim(base_s=0.01) as sim, serve_router([sim.url]) as r:
+    async with sim_pod(step_model(0.01)) as sim, serve_router([sim.url]) as r:
         body = {"model": MODEL, "prompt": "go", "max_tokens": 2000, "stream": True}
         resp = await http.post(r.url + "/v1/completions", json=body)
         await resp.content.readany()
@@ -249,7 +249,7 @@ async def test_client_disconnect_cancels_the_upstream_request(http: aiohttp.Clie
 
 
 async def test_overload_answers_429_and_503(http: aiohttp.ClientSession):
-    async with serve_sim(base_s=0.05) as sim, serve_router([sim.url], max_concurrency=2, max_queue=2,
+    async with sim_pod(step_model(0.05)) as sim, serve_router([sim.url], max_concurrency=2, max_queue=2,
                                                             queue_timeout_s=0.2) as r:  # fmt: skip
         async def one() -> int:
             async with http.post(r.url + "/v1/completions",
@@ -264,7 +264,8 @@ async def test_overload_answers_429_and_503(http: aiohttp.ClientSession):
 
 
 async def test_no_healthy_backend_is_503_with_retry_after(http: aiohttp.ClientSession, tmp_path: Path):
-    proc, url = sim_process(tmp_path)
+    pod = sim_pod_process(step_model(1e-3), log_path=tmp_path / "sim.log")
+    proc, url = pod.process, pod.url
     with proc:
         await asyncio.to_thread(proc.wait_http_ready, url + "/health", 60)
         async with serve_router([url], health_interval_s=0.2, health_failure_threshold=1) as r:
@@ -327,7 +328,7 @@ def fuzz_env():
     stop = asyncio.Event()
 
     async def main() -> None:
-        async with serve_sim(base_s=1e-4) as sim, serve_router([sim.url]) as r:
+        async with sim_pod(step_model(1e-4)) as sim, serve_router([sim.url]) as r:
             ready["url"] = r.url
             await stop.wait()
 

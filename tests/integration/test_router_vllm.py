@@ -7,8 +7,7 @@ import json
 
 import openai
 import pytest
-
-from router.testing import serve_router
+from routers_for_tests import serve_router
 
 pytestmark = pytest.mark.vllm
 

@@ -10,20 +10,25 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from harness.procs import free_port
+from harness.simpods import Pod, sim_pod
 from kvscale.latency import LatencyModel, StepCoefficients
-from kvscale.testing.procs import free_port
 from router.app import STATE_KEY, create_app
 from router.backends import parse_backend_spec
-from router.bench.pods import Pod, sim_pod
 from router.config import RouterConfig
 
 MODEL = "sim-model"
 LAT = LatencyModel(name="r", coefficients=StepCoefficients(1e-3, 1e-5, 0.0, 1e-5, 0.0))
 
 
+def kv_pod(**kw):
+    """An in-process simulator pod publishing KV events (ZMQ PUB + replay)."""
+    return sim_pod(LAT, kv_events=True, **kw)
+
+
 def spec(pod: Pod, **labels: str) -> str:
     extra = "".join(f",{k}={v}" for k, v in labels.items())
-    return f"{pod.url},model={MODEL},kv-events={pod.events.endpoint},kv-replay={pod.events.replay_endpoint}{extra}"
+    return f"{pod.url},model={MODEL},kv-events={pod.kv_endpoint},kv-replay={pod.replay_endpoint}{extra}"
 
 
 @contextlib.asynccontextmanager
@@ -57,7 +62,7 @@ def tenant(i: int) -> str:
 
 
 async def test_kv_events_policy_sends_each_prefix_back_to_its_pod() -> None:
-    async with sim_pod(LAT) as a, sim_pod(LAT) as b, sim_pod(LAT) as c, \
+    async with kv_pod() as a, kv_pod() as b, kv_pod() as c, \
             router([spec(a), spec(b), spec(c)], "kv-events") as url, aiohttp.ClientSession() as http:  # fmt: skip
         await complete(http, url, "warm up")
         await asyncio.sleep(0.3)
@@ -74,7 +79,7 @@ async def test_kv_events_policy_sends_each_prefix_back_to_its_pod() -> None:
 
 
 async def test_session_affinity_and_length_buckets_through_the_router() -> None:
-    async with sim_pod(LAT) as a, sim_pod(LAT) as b, sim_pod(LAT) as long_pod, \
+    async with kv_pod() as a, kv_pod() as b, kv_pod() as long_pod, \
             router([spec(a), spec(b), spec(long_pod, group="long")], "session-affinity") as url, \
             aiohttp.ClientSession() as http:  # fmt: skip
         seen = {await complete(http, url, f"turn {t}", {"x-session-id": "abc"}) for t in range(5)}
@@ -90,7 +95,7 @@ async def test_session_affinity_and_length_buckets_through_the_router() -> None:
 async def test_best_preset_subscribes_at_startup_and_follows_blocks_cached_before_any_routed_request() -> None:
     """The registered ``best`` preset connects its KV-event subscribers when the router starts: blocks a pod cached
     from traffic that never went through the router steer the router's very first request there."""
-    async with sim_pod(LAT) as a, sim_pod(LAT) as b, sim_pod(LAT) as c, aiohttp.ClientSession() as http:
+    async with kv_pod() as a, kv_pod() as b, kv_pod() as c, aiohttp.ClientSession() as http:
         port = free_port()
         cfg = RouterConfig(port=port, backends=[parse_backend_spec(spec(p)) for p in (a, b, c)], policy="best",
                            governance_log=None)  # fmt: skip

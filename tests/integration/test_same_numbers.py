@@ -34,6 +34,12 @@ CASES: dict[str, list[str]] = {
     "sim-poisson-shared-rr.json": ["sim", "run", "--trace", "poisson", "--workload", "shared-prefix", "--rate", "10",
                                    "--duration", "300", "--replicas", "3", "--dispatcher", "round-robin"],
 }  # fmt: skip
+# The full-size cases (~15 and ~5 minutes): run with KVSCALE_GOLDEN_LONG=1 after a change to the simulator,
+# the policy or the evaluator.
+LONG_CASES: dict[str, list[str]] = {
+    "eval-step-chat-1200.json": ["eval", "scaling", "--trace", "step", "--workload", "chat", "--duration", "1200"],
+    "eval-diurnal-rag-1200.json": ["eval", "scaling", "--trace", "diurnal", "--workload", "rag", "--duration", "1200"],
+}
 
 
 def without_wall_time(obj: Any) -> Any:
@@ -50,11 +56,13 @@ def test_without_wall_time_keeps_the_rest() -> None:
     assert got == {"a": 1, "p": {"x": {"gpu_hours": 0.5}}, "l": [{}]}
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("name", sorted(CASES) + sorted(LONG_CASES))
 def test_same_json_as_recorded(name: str, tmp_path: Path) -> None:
+    if name in LONG_CASES and os.environ.get("KVSCALE_GOLDEN_LONG") != "1":
+        pytest.skip("a full-size case: set KVSCALE_GOLDEN_LONG=1 to run it")
     out = tmp_path / name
-    cmd = [sys.executable, "-m", "kvscale.cli", *CASES[name], "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "kvscale.cli", *(CASES | LONG_CASES)[name], "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     golden = GOLDEN / name

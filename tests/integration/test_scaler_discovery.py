@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 from kubernetes import client
 
-from kvscale.testing.procs import free_port
+from harness.procs import free_port
 from scaler.discovery import KubernetesPods
 
 

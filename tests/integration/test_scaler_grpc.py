@@ -17,11 +17,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from kvscale.testing.procs import free_port
+from harness.certs import generate_certs
+from harness.load import poisson_load
+from harness.procs import free_port
+from harness.simpods import sim_pods, slow_latency_model, write_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.service import ScalerApp, ScalerService, TLSFiles
-from scaler.testing import generate_certs, pods, poisson_load, write_latency_model
 
 
 def metadata(model_path: Path, urls: list[str], **extra: str) -> dict[str, str]:
@@ -49,7 +51,8 @@ def ref(md: dict[str, str], name: str = "decode-pool") -> pb.ScaledObjectRef:
 
 async def test_every_rpc_against_simulator_pods(tmp_path: Path):
     model = write_latency_model(tmp_path / "model.json")
-    async with pods(2) as sims, scaler() as app, aiohttp.ClientSession() as http:
+    pods = sim_pods(2, slow_latency_model(), max_model_len=2048)
+    async with pods as sims, scaler() as app, aiohttp.ClientSession() as http:
         md = metadata(model, [p.metrics_url for p in sims])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.bound_grpc_port}") as ch:
             stub = pb_grpc.ExternalScalerStub(ch)

@@ -17,17 +17,18 @@ from pathlib import Path
 import aiohttp
 import grpc
 
-from kvscale.testing.procs import free_port
+from harness.load import LoadStats, poisson_load
+from harness.procs import free_port
+from harness.simpods import Pod, slow_latency_model, start_sim_pod, write_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.service import ScalerApp, ScalerService
-from scaler.testing import LoadStats, SimPod, poisson_load, start_pod, write_latency_model
 
 
 class PoolDiscovery:
     """The loop's running pods, as pod discovery would list them."""
 
-    def __init__(self, pods: list[SimPod]) -> None:
+    def __init__(self, pods: list[Pod]) -> None:
         self.pods = pods
         self.last_error = None
 
@@ -40,7 +41,7 @@ class PoolDiscovery:
 
 async def test_keda_like_loop_scales_up_on_a_step_and_back_down(tmp_path: Path):
     model = write_latency_model(tmp_path / "model.json")
-    pool: list[SimPod] = [await start_pod()]
+    pool: list[Pod] = [await start_sim_pod(slow_latency_model(), max_model_len=2048)]
     service = ScalerService(discovery_factory=lambda s: PoolDiscovery(pool))
     app = ScalerApp(service, host="127.0.0.1", grpc_port=free_port(), metrics_port=None, grace_s=0.5)
     await app.start()
@@ -66,7 +67,7 @@ async def test_keda_like_loop_scales_up_on_a_step_and_back_down(tmp_path: Path):
             window = [p for t, p in recs if t >= now - 4.0]  # scale-down stabilization (4 s here)
             desired = max(1, proposal if proposal >= current else min(current, max(window)))
             while len(pool) < desired:
-                pool.append(await start_pod())
+                pool.append(await start_sim_pod(slow_latency_model(), max_model_len=2048))
             while len(pool) > desired:
                 await pool.pop().stop()
             history.append((now, int(metric), len(pool)))

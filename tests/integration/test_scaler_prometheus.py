@@ -13,9 +13,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from harness.load import poisson_load
+from harness.prometheus import Prometheus
+from harness.simpods import sim_pods, slow_latency_model, write_latency_model
 from protos import externalscaler_pb2 as pb
 from scaler.service import ScalerService
-from scaler.testing import Prometheus, pods, poisson_load, write_latency_model
 
 pytestmark = pytest.mark.skipif(not Prometheus.available(), reason="/usr/bin/prometheus is not installed")
 
@@ -33,7 +35,7 @@ def md(model: Path, **kw: str) -> dict[str, str]:
 
 async def test_prometheus_and_pods_modes_agree_and_hold_when_the_source_dies(prom_dir: Path):
     model = write_latency_model(prom_dir / "model.json")
-    async with pods(2) as sims, aiohttp.ClientSession() as http:
+    async with sim_pods(2, slow_latency_model(), max_model_len=2048) as sims, aiohttp.ClientSession() as http:
         prom = Prometheus(prom_dir, [f"127.0.0.1:{p.port}" for p in sims], scrape_interval_s=1.0).start()
         service = ScalerService()
         await service.start()

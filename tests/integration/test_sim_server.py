@@ -27,9 +27,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from harness.procs import ManagedProcess, free_port
 from kvscale.kv_events import BlockStored, decode_message
 from kvscale.latency import LatencyModel, StepCoefficients
-from kvscale.testing.procs import ManagedProcess, free_port
 from kvscale.tokenizer import FallbackTokenizer
 from simulator.engine import EngineConfig, EngineCore
 from simulator.kv_publisher import KVEventsConfig

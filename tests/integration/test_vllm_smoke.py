@@ -16,7 +16,7 @@ import openai
 import pytest
 import zmq
 
-from kvscale.testing.vllm_server import VllmServer
+from harness.vllm_server import VllmServer
 
 pytestmark = [pytest.mark.vllm]
 

@@ -28,7 +28,7 @@ import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvscale.testing.procs import ManagedProcess, free_port
+from harness.procs import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"

@@ -746,8 +746,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     sys.path.insert(0, str(REPO_ROOT))
-    from kvscale.testing.tinymodel import MODEL_VERSION, build_tiny_model
-    from kvscale.testing.vllm_server import start_vllm_cpu
+    from harness.tinymodel import MODEL_VERSION, build_tiny_model
+    from harness.vllm_server import start_vllm_cpu
 
     model_dir = build_tiny_model(Path(tempfile.gettempdir()) / "kvscale-tiny-model" / MODEL_VERSION)
     log_path = Path(tempfile.gettempdir()) / "kvscale-record-vllm.log"

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvscale.testing.procs import ManagedProcess, free_port
+from harness.procs import ManagedProcess, free_port
 
 __all__ = [
     "BLOCK_SIZE",
@@ -152,7 +152,7 @@ def start_vllm_cpu(
     Free ports are picked when ``port``/``kv_events_port`` are None. ``num_gpu_blocks`` caps the KV cache at
     that many blocks (``--num-gpu-blocks-override``; "gpu" is vLLM's name for the engine's own cache, also on
     CPU) so that eviction and preemption are reachable; None keeps the 1 GiB ``VLLM_CPU_KVCACHE_SPACE``.
-    On a startup failure the process is stopped and a :class:`~kvscale.testing.procs.ProcessError` with the
+    On a startup failure the process is stopped and a :class:`~harness.procs.ProcessError` with the
     log tail is raised.
     """
     port = port or free_port()

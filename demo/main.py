@@ -3,7 +3,7 @@ KEDA external scaler over gRPC, and a local controller playing KEDA + HPA that s
 ramp / burst / idle traffic pattern sent through the router. Live progress, then a summary table, a PNG plot and
 a JSON summary in ``--out``. Every process it starts is stopped at the end, also on Ctrl-C.
 
-Pieces: :mod:`kvscale.demo_stack` (pods file, router/scaler entry points), :mod:`kvscale.demo_control` (HPA math,
+Pieces: :mod:`demo.stack` (pods file, router/scaler entry points), :mod:`demo.control` (HPA math,
 KEDA loop, local pods). See ``docs/demo.md``.
 """
 
@@ -31,17 +31,11 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from kvscale.demo_control import Hpa, HpaSpec, LocalCluster, ScaledObjectLoop
+from demo.control import Hpa, HpaSpec, LocalCluster, ScaledObjectLoop
+from harness.procs import ManagedProcess, free_port
+from harness.simpods import SIM_MODEL, sim_pod_process
 from kvscale.loadgen import Sample, stream_completion
-from kvscale.testing.procs import ManagedProcess, free_port
 
-SIM_MODEL = "sim-model"
-# The simulator's own CLI entry (not `kvscale sim serve`): starts without importing the other parts' CLIs.
-_SIM_MAIN = (
-    "import argparse, sys\n"
-    "from simulator.cli import add_serve_args, serve_main\n"
-    "p = argparse.ArgumentParser()\nadd_serve_args(p)\nsys.exit(serve_main(p.parse_args()))\n"
-)
 # Phases as fractions of --duration: (name, start, end).
 PHASES = (("warm", 0.0, 0.15), ("ramp", 0.15, 0.40), ("burst", 0.40, 0.60), ("idle", 0.60, 1.0))
 
@@ -376,7 +370,10 @@ class Stack:
         self.t0 = time.monotonic()  # the traffic start, once known
 
     def start(self, cmd: list[str], name: str) -> ManagedProcess:
-        proc = ManagedProcess(cmd, log_path=self.out / "logs" / f"{name}.log", name=name).start()
+        return self.adopt(ManagedProcess(cmd, log_path=self.out / "logs" / f"{name}.log", name=name).start(), name)
+
+    def adopt(self, proc: ManagedProcess, name: str) -> ManagedProcess:
+        """Stop ``proc`` (already started) with the rest of the stack."""
         self.procs.append(proc)
         self.pids.append({"name": name, "pid": proc.pid})
         return proc
@@ -391,20 +388,19 @@ class Stack:
 
 def _pod_factory(cfg: DemoConfig, stack: Stack, model_file: Path, tiny_model_dir: Path | None):
     def sim_pod(pool: str, role: str, name: str) -> tuple[Any, str, int | None]:
-        port = free_port()
-        cmd = [sys.executable, "-c", _SIM_MAIN, "--port", str(port), "--latency-model", str(model_file),
-               "--model", SIM_MODEL, "--role", role, "--max-num-seqs", "64", "--engine-id", name]  # fmt: skip
-        proc = stack.start(cmd, f"pod-{name}")
-        return proc, f"http://127.0.0.1:{port}", proc.pid
+        pod = sim_pod_process(model_file, log_path=stack.out / "logs" / f"pod-{name}.log", role=role,
+                              engine_id=name, args=["--max-num-seqs", "64"])  # fmt: skip
+        assert pod.process is not None
+        stack.adopt(pod.process.start(), f"pod-{name}")
+        return pod.process, pod.url, pod.process.pid
 
     def vllm_pod(pool: str, role: str, name: str) -> tuple[Any, str, int | None]:
-        from kvscale.testing.vllm_server import start_vllm_cpu
+        from harness.vllm_server import start_vllm_cpu
 
         assert tiny_model_dir is not None
         server = start_vllm_cpu(tiny_model_dir, log_path=stack.out / "logs" / f"pod-{name}.log", wait=False,
                                 env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})  # fmt: skip
-        stack.procs.append(server.process)
-        stack.pids.append({"name": f"pod-{name}", "pid": server.process.pid})
+        stack.adopt(server.process, f"pod-{name}")
         return server.process, server.url, server.process.pid
 
     return sim_pod if cfg.engine == "sim" else vllm_pod
@@ -453,8 +449,8 @@ async def run_demo(cfg: DemoConfig, out: Path, console: Console, stack: Stack) -
     tiny_dir: Path | None = None
     model = SIM_MODEL
     if cfg.engine == "vllm-cpu":
-        from kvscale.testing.tinymodel import cached_tiny_model
-        from kvscale.testing.vllm_server import SERVED_MODEL_NAME
+        from harness.tinymodel import cached_tiny_model
+        from harness.vllm_server import SERVED_MODEL_NAME
 
         tiny_dir = cached_tiny_model()  # the test suite's copy: built once per machine
         model = SERVED_MODEL_NAME
@@ -467,9 +463,9 @@ async def run_demo(cfg: DemoConfig, out: Path, console: Console, stack: Stack) -
                            ready_timeout_s=240.0 if cfg.engine == "vllm-cpu" else 60.0, clock=clock)  # fmt: skip
     stack.cluster = cluster
     py = sys.executable
-    scaler = stack.start([py, "-m", "kvscale.demo_stack", "scaler", "--pods-file", str(pods_file),
+    scaler = stack.start([py, "-m", "demo.stack", "scaler", "--pods-file", str(pods_file),
                           "--port", str(scaler_port), "--metrics-port", str(scaler_metrics)], "scaler")  # fmt: skip
-    router = stack.start([py, "-m", "kvscale.demo_stack", "router", "--pods-file", str(pods_file),
+    router = stack.start([py, "-m", "demo.stack", "router", "--pods-file", str(pods_file),
                           "--host", "127.0.0.1", "--port", str(router_port), "--policy", "least-request",
                           "--health-interval-s", "1", "--governance-log", str(out / "logs" / "router-requests.jsonl")],
                          "router")  # fmt: skip
@@ -641,7 +637,7 @@ def print_summary(summary: dict[str, Any], console: Console) -> None:
 def demo_main(args: argparse.Namespace) -> int:
     engine = args.engine
     if engine == "vllm-cpu":
-        from kvscale.testing.vllm_server import vllm_available
+        from harness.vllm_server import vllm_available
 
         if args.pools == "pd":
             print("kvscale demo: --pools pd needs the simulator (vLLM CPU has no KV-transfer connector here)",

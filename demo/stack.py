@@ -9,8 +9,8 @@ is no API server here, so the demo controller publishes its Ready pods in a file
 * the scaler runs with :class:`FilePods` as the pod discovery of every ScaledObject (``podSelector`` label
   equality requirements are matched against the pods' labels, as the API server would).
 
-Run as ``python -m kvscale.demo_stack router --pods-file F [router serve flags]`` or
-``python -m kvscale.demo_stack scaler --pods-file F --port P --metrics-port M``.
+Run as ``python -m demo.stack router --pods-file F [router serve flags]`` or
+``python -m demo.stack scaler --pods-file F --port P --metrics-port M``.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _router_main(argv: list[str]) -> int:
     from router.app import create_app
     from router.cli import add_serve_args, build_config
 
-    p = argparse.ArgumentParser(prog="kvscale.demo_stack router")
+    p = argparse.ArgumentParser(prog="demo.stack router")
     add_serve_args(p)
     p.add_argument("--pods-file", required=True, type=Path)
     args = p.parse_args(argv)
@@ -175,7 +175,7 @@ def _router_main(argv: list[str]) -> int:
 def _scaler_main(argv: list[str]) -> int:
     from scaler.service import ScalerApp, ScalerService
 
-    p = argparse.ArgumentParser(prog="kvscale.demo_stack scaler")
+    p = argparse.ArgumentParser(prog="demo.stack scaler")
     p.add_argument("--pods-file", required=True, type=Path)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
@@ -194,7 +194,7 @@ def _scaler_main(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("router", "scaler"):
-        print("usage: python -m kvscale.demo_stack {router|scaler} --pods-file FILE ...", file=sys.stderr)
+        print("usage: python -m demo.stack {router|scaler} --pods-file FILE ...", file=sys.stderr)
         return 2
     return (_router_main if argv[0] == "router" else _scaler_main)(argv[1:])
 

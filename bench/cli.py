@@ -9,8 +9,8 @@ from pathlib import Path
 
 
 def _main(args: argparse.Namespace) -> int:
-    from router.bench.routing import BenchConfig, print_table, run
-    from router.bench.workloads import TINY_VLLM_BLOCKS, TINY_VLLM_SCALE, WORKLOADS, Scale
+    from bench.routing import BenchConfig, print_table, run
+    from bench.workloads import TINY_VLLM_BLOCKS, TINY_VLLM_SCALE, WORKLOADS, Scale
 
     if args.workload not in WORKLOADS:
         print(f"kvscale bench routing: --workload must be one of {WORKLOADS}", file=sys.stderr)

@@ -9,7 +9,7 @@ against local pods (processes).
   once, then ``GetMetrics`` and ``IsActive`` every polling interval over real gRPC (generated stubs). A failed
   ``GetMetrics`` makes the HPA hold (as a missing external metric does).
 * :class:`LocalCluster` — pods per pool: created as processes, *Ready* after the configured startup delay and a
-  200 from ``/health``, published in the pods file (the demo's API server, see :mod:`kvscale.demo_stack`);
+  200 from ``/health``, published in the pods file (the demo's API server, see :mod:`demo.stack`);
   removed ones leave the file first, drain (no running/waiting requests, bounded by a grace period), then stop.
 """
 
@@ -28,7 +28,7 @@ from typing import Any, Protocol
 
 import aiohttp
 
-from kvscale.demo_stack import PodRecord, write_pods
+from demo.stack import PodRecord, write_pods
 from kvscale.engine_stats import ScrapeError, scrape
 
 # grpc is imported where used: the demo sets GRPC_* environment variables before gRPC initializes.

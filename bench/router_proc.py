@@ -1,6 +1,6 @@
 """Run the kvscale router app (``router.app.create_app``) as its own process for the benchmark.
 
-``python -m router.bench.router_proc CONFIG.json``: the JSON holds ``port``, ``policy``, ``policy_config`` (a
+``python -m bench.router_proc CONFIG.json``: the JSON holds ``port``, ``policy``, ``policy_config`` (a
 path or null) and ``backends`` (``--backend`` spec strings). The benchmark starts the app this way rather than
 through ``kvscale router serve`` so that it depends only on the app factory and RouterConfig.
 """

@@ -27,12 +27,12 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from bench.workloads import MODEL, BenchRequest, Scale, build
+from harness.procs import ManagedProcess, ProcessError, free_port
+from harness.simpods import Pod, sim_pod_process
 from kvscale.engine_stats import ScrapeError, scrape
 from kvscale.latency import DEFAULT_MODEL, StepCoefficients, load_latency_model
 from kvscale.loadgen import stream_completion
-from kvscale.testing.procs import ManagedProcess, ProcessError, free_port
-from router.bench.pods import Pod, start_sim_pod_process
-from router.bench.workloads import MODEL, BenchRequest, Scale, build
 from router.policies.best import POLICIES as BEST_POLICIES
 from router.policies.kv_events import POLICIES as KV_EVENTS_POLICIES
 
@@ -140,18 +140,22 @@ def _policy_file(cfg: BenchConfig, latency_path: Path, out_dir: Path, record_pat
 def _start_pods(cfg: BenchConfig, latency_path: Path, logs: Path, roles: list[str]) -> list[Pod]:
     pods = []
     for i, role in enumerate(roles):
-        pods.append(start_sim_pod_process(
-            latency_path, log_path=logs / f"pod{i}-{role}.log", role=role, num_gpu_blocks=cfg.num_gpu_blocks,
-            max_num_batched_tokens=cfg.max_num_batched_tokens,
-        ))  # fmt: skip
+        pod = sim_pod_process(
+            latency_path, log_path=logs / f"pod{i}-{role}.log", role=role, kv_events=True,
+            args=["--block-size", "16", "--max-model-len", "8192", "--max-num-seqs", "256",
+                  "--num-gpu-blocks", str(cfg.num_gpu_blocks),
+                  "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)],
+        )  # fmt: skip
+        assert pod.process is not None
+        pod.process.start()
+        pods.append(pod)
     return pods
 
 
 def _backend_spec(pod: Pod, labels: dict[str, str]) -> str:
-    ev = pod.events
-    parts = [pod.url, f"model={MODEL}", f"role={pod.role}", f"kv-events={ev.endpoint}"]
-    if ev.replay_endpoint:
-        parts.append(f"kv-replay={ev.replay_endpoint}")
+    parts = [pod.url, f"model={MODEL}", f"role={pod.role}", f"kv-events={pod.kv_endpoint}"]
+    if pod.replay_endpoint:
+        parts.append(f"kv-replay={pod.replay_endpoint}")
     parts += [f"{k}={v}" for k, v in labels.items()]
     return ",".join(parts)
 
@@ -163,7 +167,7 @@ def _start_kvscale_router(policy: str, pods: list[Pod], labels: list[dict[str, s
             "backends": [_backend_spec(p, lab) for p, lab in zip(pods, labels, strict=True)]}  # fmt: skip
     spec_path = logs / f"router-{policy.replace(':', '_')}.json"
     spec_path.write_text(json.dumps(spec))
-    proc = ManagedProcess([sys.executable, "-m", "router.bench.router_proc", str(spec_path)],
+    proc = ManagedProcess([sys.executable, "-m", "bench.router_proc", str(spec_path)],
                           log_path=logs / f"router-{policy.replace(':', '_')}.log", name="kvscale-router")  # fmt: skip
     proc.start()
     url = f"http://127.0.0.1:{port}"
@@ -181,9 +185,9 @@ def _start_vllm_router(policy: str, pods: list[Pod], logs: Path, *, block_size: 
            "--log-level", os.environ.get("KVSCALE_VLLM_ROUTER_LOG", "warning"), "--disable-retries"]  # fmt: skip
     if policy == "kv_aware":  # fed by the same pods' KV events (and replay sockets)
         for p in pods:
-            cmd += ["--kv-event-source", f"{p.url}={p.events.endpoint}"]
-            if p.events.replay_endpoint:
-                cmd += ["--kv-event-replay-source", f"{p.url}={p.events.replay_endpoint}"]
+            cmd += ["--kv-event-source", f"{p.url}={p.kv_endpoint}"]
+            if p.replay_endpoint:
+                cmd += ["--kv-event-replay-source", f"{p.url}={p.replay_endpoint}"]
         cmd += ["--kv-event-block-size", str(block_size), "--kv-event-model", MODEL]
     proc = ManagedProcess(cmd, log_path=logs / f"vllm-router-{policy}.log", name="vllm-router")
     proc.start()
@@ -335,7 +339,7 @@ def _route_and_drive(name: str, cfg: BenchConfig, requests: list[BenchRequest], 
 
 def _block_size(cfg: BenchConfig) -> int:
     if cfg.engine == "vllm-cpu":
-        from kvscale.testing.vllm_server import BLOCK_SIZE
+        from harness.vllm_server import BLOCK_SIZE
 
         return BLOCK_SIZE
     return 16
@@ -357,7 +361,7 @@ def _reset_prefix_caches(pods: list[Pod]) -> None:
 
 def _start_vllm_pods(cfg: BenchConfig, logs: Path) -> list[Pod]:
     """``cfg.backends`` real vLLM CPU servers (started together, about a minute), serving the model as ``MODEL``."""
-    from kvscale.testing.vllm_server import STARTUP_TIMEOUT_S, start_vllm_cpu
+    from harness.vllm_server import STARTUP_TIMEOUT_S, start_vllm_cpu
 
     assert cfg.model_dir is not None
     # Several vLLM CPU servers on one host: each gets its own core for its OpenMP threads, like pods with CPU
@@ -393,7 +397,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
     try:
         if cfg.engine == "vllm-cpu":
             if cfg.model_dir is None:
-                from kvscale.testing.tinymodel import cached_tiny_model
+                from harness.tinymodel import cached_tiny_model
 
                 cfg.model_dir = str(cached_tiny_model())
             latency_path = work / "latency-model.json"  # real pods: the model as given (a profiled artifact)

@@ -1,1 +1,0 @@
-"""Routing-quality benchmark: simulator pods behind each router configuration (issue 6)."""
