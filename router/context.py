@@ -13,30 +13,10 @@ from typing import Any
 
 import xxhash
 
+from kvscale.hashing import text_block_hashes
 from router.errors import ApiError
 
-__all__ = ["ROOT_HASH", "RequestContext", "prompt_block_hashes", "render_messages", "validate_body"]
-
-ROOT_HASH = 0x6B7673636C65  # same root as kvscale.hashing
-
-
-def prompt_block_hashes(text: str, block_chars: int, max_blocks: int | None = None) -> list[int]:
-    """Chained xxh3-64 hashes of the full ``block_chars``-character blocks of ``text`` (equal hash = equal prefix).
-
-    The router does not tokenize, so blocks are characters, not tokens; only full blocks are hashed.
-    """
-    if block_chars <= 0:
-        raise ValueError(f"block_chars must be positive, got {block_chars}")
-    n = len(text) // block_chars
-    if max_blocks is not None:
-        n = min(n, max_blocks)
-    digest = xxhash.xxh3_64_intdigest
-    out: list[int] = []
-    h = ROOT_HASH
-    for i in range(n):
-        h = digest(text[i * block_chars : (i + 1) * block_chars].encode("utf-8", "surrogatepass"), seed=h)
-        out.append(h)
-    return out
+__all__ = ["RequestContext", "render_messages", "validate_body"]
 
 
 def _content_text(content: Any) -> str:
@@ -140,7 +120,7 @@ class RequestContext:
         """Chained hashes of the prompt's full blocks (computed once per block size, then cached)."""
         key = (block_chars, max_blocks)
         if key not in self._hashes:
-            self._hashes[key] = prompt_block_hashes(self.prompt, block_chars, max_blocks)
+            self._hashes[key] = text_block_hashes(self.prompt, block_chars, max_blocks)
         return self._hashes[key]
 
     @property

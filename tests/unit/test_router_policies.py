@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import pytest
 
 from kvscale.engine_stats import EngineStats
+from kvscale.hashing import text_block_hashes
 from router.backends import Backend, BackendPool, BackendSpec, EjectionPolicy, parse_backend_spec
-from router.context import RequestContext, prompt_block_hashes, render_messages, validate_body
+from router.context import RequestContext, render_messages, validate_body
 from router.errors import ApiError
 from router.policies import (
     PluginConfigError,
@@ -194,10 +195,10 @@ def test_prefix_index_is_bounded_and_lru():
 
 
 def test_prompt_hashes_chain():
-    a = prompt_block_hashes("x" * 64 + "y" * 64 + "z", 64)
-    b = prompt_block_hashes("x" * 64 + "w" * 64, 64)
+    a = text_block_hashes("x" * 64 + "y" * 64 + "z", 64)
+    b = text_block_hashes("x" * 64 + "w" * 64, 64)
     assert len(a) == 2 and a[0] == b[0] and a[1] != b[1]
-    assert prompt_block_hashes("short", 64) == []
+    assert text_block_hashes("short", 64) == []
     c = ctx("q" * 200)
     assert c.block_hashes(64) is c.block_hashes(64)
 
