@@ -1,10 +1,9 @@
 """The demo's local controller: it plays KEDA + the HPA against the real scaler, and a Deployment's ReplicaSet
 against local pods (processes).
 
-* :class:`Hpa` — the HorizontalPodAutoscaler's arithmetic for one ``External`` metric of type ``AverageValue``:
-  ``usageRatio = metric / (target x current)``; inside the tolerance (0.1) keep ``current``, else
-  ``desired = ceil(metric / target)``; scale-down stabilization (the largest recommendation of the window), the
-  default scale-up policy (at most ``max(2 x current, current + 4)``), then ``[min, max]``.
+* :class:`KedaHpa` — KEDA's activation (0 ↔ 1) and the HorizontalPodAutoscaler KEDA creates, for one ``External``
+  metric of type ``AverageValue``: :class:`scaler.hpa.Hpa`, the emulation the scaling evaluation uses, with the
+  demo's ScaledObject ``behavior`` (:func:`demo_behavior`: the default policies on the demo's compressed clock).
 * :class:`ScaledObjectLoop` — what KEDA does for one ScaledObject with an ``external`` trigger: ``GetMetricSpec``
   once, then ``GetMetrics`` and ``IsActive`` every polling interval over real gRPC (generated stubs). A failed
   ``GetMetrics`` makes the HPA hold (as a missing external metric does).
@@ -18,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,62 +27,60 @@ import aiohttp
 
 from demo.stack import PodRecord, write_pods
 from kvscale.engine_stats import ScrapeError, scrape
+from scaler.hpa import Hpa, HpaBehavior, HpaPolicy, HpaRules
 
 # grpc is imported where used: the demo sets GRPC_* environment variables before gRPC initializes.
 
 log = logging.getLogger("kvscale.demo")
 
 
-# -- HPA ----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class HpaSpec:
-    min_replicas: int = 1
-    max_replicas: int = 6
-    tolerance: float = 0.1
-    scale_down_window_s: float = 30.0  # behavior.scaleDown.stabilizationWindowSeconds (Kubernetes default 300)
-    scale_up_window_s: float = 0.0  # behavior.scaleUp.stabilizationWindowSeconds (Kubernetes default 0)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(f"need 0 <= min <= max and max >= 1, got min={self.min_replicas} max={self.max_replicas}")
+# -- KEDA + HPA ---------------------------------------------------------------------------------------------------
+def demo_behavior(scale_down_window_s: float, period_s: float) -> HpaBehavior:
+    """The HPA ``behavior`` of the demo's ScaledObjects, on the demo's compressed clock: the Kubernetes default
+    policies (up: +4 pods or +100 %; down: -100 %) per polling interval instead of per 15 s, scale-up stabilization
+    0 s, scale-down stabilization ``--stabilization-window``."""
+    up = HpaRules(0.0, (HpaPolicy("Pods", 4, period_s), HpaPolicy("Percent", 100, period_s)), "Max")
+    down = HpaRules(scale_down_window_s, (HpaPolicy("Percent", 100, period_s),), "Max")
+    return HpaBehavior(up, down, source=f"demo ScaledObject (periods {period_s:g}s)")
 
 
-class Hpa:
-    """One HPA over one external AverageValue metric. ``decide`` is pure apart from the recommendation history."""
+class KedaHpa:
+    """What KEDA and the HPA it creates do with one ScaledObject's external metric (``AverageValue``).
 
-    def __init__(self, spec: HpaSpec) -> None:
-        self.spec = spec
-        self._recs: deque[tuple[float, int]] = deque()
+    The HPA is :class:`scaler.hpa.Hpa` (the same emulation the scaling evaluation uses), synced at every KEDA
+    poll; KEDA itself does what the HPA cannot: activation from 0 to 1 and, with ``minReplicaCount: 0``, scaling
+    an inactive trigger to zero. The HPA's own minimum is ``max(minReplicaCount, 1)``, as KEDA sets it.
+    """
 
-    def raw_recommendation(self, current: int, metric: float, target: float) -> int:
-        if current <= 0:
-            return math.ceil(metric / target - 1e-9)
-        ratio = metric / (target * current)
-        if abs(ratio - 1.0) <= self.spec.tolerance:
-            return current
-        return math.ceil(metric / target - 1e-9)
+    def __init__(self, pool: str, min_replicas: int, max_replicas: int, behavior: HpaBehavior,
+                 tolerance: float = 0.1) -> None:  # fmt: skip
+        if not 0 <= min_replicas <= max_replicas or max_replicas < 1:
+            raise ValueError(f"need 0 <= min <= max and max >= 1, got min={min_replicas} max={max_replicas}")
+        self.min_replicas = min_replicas
+        self._metric: float | None = None
+        self.hpa = Hpa(pool, lambda now: self._metric, target=1.0, behavior=behavior,
+                       min_replicas=max(min_replicas, 1), max_replicas=max_replicas, tolerance=tolerance,
+                       sync_s=0.0)  # fmt: skip
 
     def decide(self, now: float, current: int, metric: float, target: float, active: bool = True) -> int:
-        s = self.spec
-        if s.min_replicas == 0 and not active:  # KEDA: an inactive trigger with minReplicaCount 0 → scale to zero
-            self._recs.clear()
+        if self.min_replicas == 0 and not active:  # KEDA: an inactive trigger with minReplicaCount 0 -> zero
             return 0
-        rec = self.raw_recommendation(current, metric, target)
-        self._recs.append((now, rec))
-        horizon = max(s.scale_down_window_s, s.scale_up_window_s)
-        while self._recs and self._recs[0][0] < now - horizon:
-            self._recs.popleft()
-        down = max(r for t, r in self._recs if t >= now - s.scale_down_window_s)
-        up = min(r for t, r in self._recs if t >= now - s.scale_up_window_s)
-        desired = current
-        if up > current:
-            desired = up
-        elif down < current:
-            desired = down
-        if current > 0:
-            desired = min(desired, max(2 * current, current + 4))
-        floor_ = max(s.min_replicas, 1 if active else s.min_replicas)
-        return min(max(desired, floor_), s.max_replicas)
+        if current == 0:  # KEDA activates the workload; the HPA scales from one replica on
+            current = 1 if active else 0
+            if current == 0:
+                return 0
+        self._metric = metric
+        self.hpa.target = target
+        self.hpa.spec = current  # the HPA reads the current count from the scale subresource at every sync
+        self.hpa.sync(now, _NoTarget())
+        return self.hpa.spec
+
+
+class _NoTarget:
+    """The HPA's scale target when the caller applies the decision itself."""
+
+    def set_replicas(self, pool: str, n: int, now: float | None = None) -> None:
+        pass
 
 
 # -- pods ---------------------------------------------------------------------------------------------------------
@@ -285,7 +280,7 @@ class ScaledObjectLoop:
     name: str
     pool: str
     metadata: dict[str, str]
-    hpa: Hpa
+    hpa: KedaHpa
     cluster: LocalCluster
     polling_interval_s: float
     namespace: str = "demo"

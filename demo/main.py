@@ -15,7 +15,6 @@ import contextlib
 import json
 import math
 import os
-import random
 import sys
 import tempfile
 import time
@@ -31,10 +30,19 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from demo.control import Hpa, HpaSpec, LocalCluster, ScaledObjectLoop
+from demo.control import KedaHpa, LocalCluster, ScaledObjectLoop, demo_behavior
 from harness.procs import ManagedProcess, free_port
 from harness.simpods import SIM_MODEL, sim_pod_process
 from kvscale.loadgen import Sample, stream_completion
+from simulator.workload import (
+    TOKEN_ID_HIGH,
+    TOKEN_ID_LOW,
+    TraceRequest,
+    WorkloadSpec,
+    completion_body,
+    thinned,
+    trace_at,
+)
 
 # Phases as fractions of --duration: (name, start, end).
 PHASES = (("warm", 0.0, 0.15), ("ramp", 0.15, 0.40), ("burst", 0.40, 0.60), ("idle", 0.60, 1.0))
@@ -145,31 +153,20 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
 
 
 # -- traffic ------------------------------------------------------------------------------------------------------
-class Workload:
-    """Chat requests: one of 4 tenants' system prompts (prefix-cache hits) plus a unique question."""
-
-    def __init__(self, prompt_tokens: int, output_tokens: int, model: str, seed: int) -> None:
-        self.rng = random.Random(seed)
-        self.model = model
-        self.output_tokens = output_tokens
-        sys_words = max(8, int(prompt_tokens * 0.6))
-        self.user_words = max(4, prompt_tokens - sys_words)
-        # "tenantN clause K ." ≈ 4 tokens per clause for the simulator's word/punctuation tokenizer
-        self.systems = [" ".join(f"tenant{t} clause{i} ." for i in range(sys_words // 3)) for t in range(4)]
-        self.n = 0
-
-    def next(self) -> dict[str, Any]:
-        self.n += 1
-        r = self.rng
-        n_words = r.randint(self.user_words // 2, self.user_words * 3 // 2)
-        words = " ".join(f"w{r.randrange(10**6)}" for _ in range(n_words))
-        return {
-            "model": self.model,
-            "messages": [{"role": "system", "content": self.systems[r.randrange(4)]},
-                         {"role": "user", "content": f"q{self.n}: {words}"}],
-            "max_tokens": r.randint(max(1, self.output_tokens // 2), self.output_tokens * 3 // 2),
-            "temperature": 0.0,
-        }  # fmt: skip
+def demo_trace(cfg: DemoConfig) -> list[TraceRequest]:
+    """The demo's traffic, from the simulator's workload generator: arrivals at ``cfg.rate_at(t)`` (thinning a
+    Poisson process at the peak rate), chat-sized requests whose first ~60 % is one of 4 tenants' system prompts
+    (prefix-cache hits) and the rest a unique question; lengths lognormal around ``--prompt-tokens`` and
+    ``--output-tokens``."""
+    peak = max(cfg.peak_rate, cfg.base_rate, cfg.idle_rate, 1e-6)
+    rate = np.vectorize(cfg.rate_at, otypes=[float])
+    times = thinned(peak, cfg.duration_s, np.random.default_rng(cfg.seed + 1), lambda t: rate(t) / peak)
+    prefix = max(8, int(cfg.prompt_tokens * 0.6))
+    query = max(4, cfg.prompt_tokens - prefix)
+    spec = WorkloadSpec("demo-chat", input_median=query, input_sigma=0.3, output_median=cfg.output_tokens,
+                        output_sigma=0.3, max_input_len=prefix + 3 * query, max_output_len=3 * cfg.output_tokens,
+                        num_tenants=4, prefix_len=prefix)  # fmt: skip
+    return trace_at(times, spec, cfg.seed)
 
 
 @dataclass
@@ -181,30 +178,21 @@ class Req:
 
 
 async def drive_traffic(cfg: DemoConfig, router_url: str, model: str, clock: Callable[[], float], t0: float,
-                        reqs: list[Req]) -> None:  # fmt: skip
-    """Open-loop Poisson arrivals at ``cfg.rate_at(t)`` (thinning), every request streamed through the router."""
-    rng = random.Random(cfg.seed + 1)
-    work = Workload(cfg.prompt_tokens, cfg.output_tokens, model, cfg.seed)
-    lam_max = max(cfg.peak_rate, cfg.base_rate, cfg.idle_rate, 1e-6)
+                        reqs: list[Req], token_range: tuple[int, int]) -> None:  # fmt: skip
+    """Send :func:`demo_trace` open loop, each request at its arrival time, streamed through the router."""
     tasks: set[asyncio.Task[None]] = set()
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as session:
 
         async def one(req: Req, body: dict[str, Any]) -> None:
-            req.sample = await stream_completion(session, router_url, body, chat=True, timeout_s=120.0)
+            req.sample = await stream_completion(session, router_url, body, timeout_s=120.0)
             req.done_at = clock() - t0
 
-        t = 0.0
-        while True:
-            t += rng.expovariate(lam_max)
-            if t >= cfg.duration_s:
-                break
-            if rng.random() > cfg.rate_at(t) / lam_max:
-                continue
-            await asyncio.sleep(max(0.0, t0 + t - clock()))
-            req = Req(clock() - t0, cfg.phase_at(t))
+        for i, r in enumerate(demo_trace(cfg)):
+            await asyncio.sleep(max(0.0, t0 + r.arrival_s - clock()))
+            req = Req(clock() - t0, cfg.phase_at(r.arrival_s))
             reqs.append(req)
-            task = asyncio.create_task(one(req, work.next()))
+            task = asyncio.create_task(one(req, completion_body(r, model, i, token_range=token_range, seed=cfg.seed)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         await asyncio.sleep(max(0.0, t0 + cfg.duration_s - clock()))
@@ -448,12 +436,14 @@ async def run_demo(cfg: DemoConfig, out: Path, console: Console, stack: Stack) -
     model_file.write_text(demo_latency_model(cfg.engine).dumps())
     tiny_dir: Path | None = None
     model = SIM_MODEL
+    token_range = (TOKEN_ID_LOW, TOKEN_ID_HIGH)
     if cfg.engine == "vllm-cpu":
-        from harness.tinymodel import cached_tiny_model
+        from harness.tinymodel import VOCAB_SIZE, cached_tiny_model
         from harness.vllm_server import SERVED_MODEL_NAME
 
         tiny_dir = cached_tiny_model()  # the test suite's copy: built once per machine
         model = SERVED_MODEL_NAME
+        token_range = (TOKEN_ID_LOW, VOCAB_SIZE)  # the tiny model's vocabulary
     pods_file = out / "pods.json"
     router_port, scaler_port, scaler_metrics = free_port(), free_port(), free_port()
     router_url = f"http://127.0.0.1:{router_port}"
@@ -470,7 +460,8 @@ async def run_demo(cfg: DemoConfig, out: Path, console: Console, stack: Stack) -
                           "--health-interval-s", "1", "--governance-log", str(out / "logs" / "router-requests.jsonl")],
                          "router")  # fmt: skip
     loops = [ScaledObjectLoop(f"kvscale-{p}", p, scaler_metadata(cfg, p, model, model_file),
-                              Hpa(HpaSpec(cfg.min_replicas, cfg.max_replicas, 0.1, cfg.scale_down_window_s)),
+                              KedaHpa(p, cfg.min_replicas, cfg.max_replicas,
+                                      demo_behavior(cfg.scale_down_window_s, cfg.polling_interval_s)),
                               cluster, cfg.polling_interval_s, clock=clock) for p in pools]  # fmt: skip
 
     async with aiohttp.ClientSession() as session:
@@ -500,7 +491,7 @@ async def run_demo(cfg: DemoConfig, out: Path, console: Console, stack: Stack) -
         keda = [asyncio.create_task(lp.run(stub), name=f"keda-{lp.pool}") for lp in loops]
         ui = asyncio.create_task(monitor.run(console, live, stop, session))
         try:
-            traffic = asyncio.create_task(drive_traffic(cfg, router_url, model, clock, t0, reqs))
+            traffic = asyncio.create_task(drive_traffic(cfg, router_url, model, clock, t0, reqs, token_range))
             done, _ = await asyncio.wait([traffic, *keda], return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 if task is not traffic:  # a KEDA loop ended: only by an error (e.g. GetMetricSpec failed)
@@ -658,7 +649,7 @@ def demo_main(args: argparse.Namespace) -> int:
             setattr(args, name, vllm_default if vllm else getattr(d, name))
     try:
         cfg = DemoConfig.from_args(args)
-        HpaSpec(cfg.min_replicas, cfg.max_replicas)
+        KedaHpa("check", cfg.min_replicas, cfg.max_replicas, demo_behavior(cfg.scale_down_window_s, 1.0))
         if cfg.duration_s < 10 or cfg.polling_interval_s <= 0 or cfg.peak_rate <= 0:
             raise ValueError("need --duration >= 10, --polling-interval > 0 and --peak-rate > 0")
     except ValueError as e:

@@ -5,13 +5,14 @@ scaler's and the pods' event loops)."""
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
+import numpy as np
 
 from harness.simpods import SIM_MODEL, Pod
+from simulator.workload import TraceRequest, completion_body, poisson
 
 
 @dataclass
@@ -28,23 +29,21 @@ async def poisson_load(
     rate: float,
     duration_s: float,
     *,
-    prompt_words: int = 40,
+    prompt_tokens: int = 40,
     max_tokens: int = 8,
     seed: int = 0,
     stats: LoadStats | None = None,
 ) -> LoadStats:
-    """Open-loop Poisson load, round-robin over the pods (pods or base URLs; ``pods`` may be a callable returning
-    the current list, for a pool that scales while the load runs). Waits for every request to finish."""
-    rng = random.Random(seed)
+    """Open-loop Poisson load (the simulator's arrival generator), round-robin over the pods (pods or base URLs;
+    ``pods`` may be a callable returning the current list, for a pool that scales while the load runs). Every
+    request is ``prompt_tokens`` unique token ids and ``max_tokens`` output tokens. Waits for every request."""
     stats = stats or LoadStats()
+    times = poisson(rate, duration_s, np.random.default_rng(seed))
     tasks: list[asyncio.Task] = []
     loop = asyncio.get_running_loop()
-    end = loop.time() + duration_s
-    i = 0
+    start = loop.time()
 
-    async def one(url: str, n: int) -> None:
-        prompt = " ".join(f"w{n}x{k}" for k in range(prompt_words))
-        body = {"model": SIM_MODEL, "prompt": prompt, "max_tokens": max_tokens}
+    async def one(url: str, body: dict) -> None:
         try:
             async with session.post(url + "/v1/completions", json=body, timeout=aiohttp.ClientTimeout(60)) as r:
                 await r.read()
@@ -56,17 +55,18 @@ async def poisson_load(
             stats.failed += 1
             stats.errors.append(f"{type(e).__name__}: {e}")
 
-    while True:
-        await asyncio.sleep(rng.expovariate(rate))
-        if loop.time() >= end:
-            break
+    sent = 0
+    for i, t in enumerate(times.tolist()):
+        await asyncio.sleep(max(0.0, start + t - loop.time()))
         current = pods() if callable(pods) else pods
         if not current:
             continue
-        pod = current[i % len(current)]
-        i += 1
+        pod = current[sent % len(current)]
+        sent += 1
         stats.sent += 1
-        tasks.append(asyncio.create_task(one(pod if isinstance(pod, str) else pod.url, i)))
+        body = completion_body(TraceRequest(t, None, prompt_tokens, max_tokens), SIM_MODEL, i, seed=seed)
+        tasks.append(asyncio.create_task(one(pod if isinstance(pod, str) else pod.url, body)))
+    await asyncio.sleep(max(0.0, start + duration_s - loop.time()))
     if tasks:
         await asyncio.gather(*tasks)
     return stats

@@ -141,9 +141,21 @@ def diurnal(
     if amplitude > 1:
         raise ValueError(f"amplitude must be in [0, 1] (the rate cannot go negative), got {amplitude!r}")
     peak = mean_rate * (1 + amplitude)
-    candidates = poisson(peak, duration_s, rng)
-    rel_rate = (1 - amplitude * np.cos(2 * np.pi * candidates / period_s)) / (1 + amplitude)
-    return candidates[rng.random(candidates.size) < rel_rate]
+
+    def fraction(t: np.ndarray) -> np.ndarray:
+        return (1 - amplitude * np.cos(2 * np.pi * t / period_s)) / (1 + amplitude)
+
+    return thinned(peak, duration_s, rng, fraction)
+
+
+def thinned(
+    peak_rate: float, duration_s: float, rng: np.random.Generator, fraction: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Non-homogeneous Poisson arrivals at rate ``peak_rate * fraction(t)`` (``fraction`` in [0, 1], vectorized),
+    sampled by thinning a Poisson process at ``peak_rate`` (Lewis & Shedler). Any rate profile over time, e.g. the
+    demo's warm / ramp / burst / idle phases."""
+    candidates = poisson(peak_rate, duration_s, rng)
+    return candidates[rng.random(candidates.size) < fraction(candidates)]
 
 
 def step(
@@ -350,6 +362,31 @@ def random_token_ids(n: int, rng: np.random.Generator) -> list[int]:
     return _TOKEN_OBJECTS[rng.integers(TOKEN_ID_LOW, TOKEN_ID_HIGH, n)].tolist()
 
 
+def completion_body(
+    req: TraceRequest,
+    model: str,
+    index: int,
+    *,
+    token_range: tuple[int, int] = (TOKEN_ID_LOW, TOKEN_ID_HIGH),
+    seed: int = 0,
+) -> dict[str, Any]:
+    """An OpenAI ``/v1/completions`` body for ``req``, for drivers that send a trace over HTTP (the demo, load
+    generators): the prompt as token ids (vLLM, SGLang and the simulator accept them, and lengths are exact), so a
+    shared prefix stays shared; synthetic ids, unique per ``index``, for requests without ids; ``max_tokens`` the
+    output length with ``ignore_eos`` (vLLM/SGLang) so that it is exact. ``token_range`` maps the ids into the
+    served model's vocabulary (the same id always maps to the same id)."""
+    ids = req.prompt_tokens
+    if ids is None:
+        ids = random_token_ids(req.input_len, np.random.default_rng([seed, index]))
+    lo, hi = token_range
+    if (lo, hi) != (TOKEN_ID_LOW, TOKEN_ID_HIGH):
+        if not 0 <= lo < hi:
+            raise ValueError(f"token_range must be (lo, hi) with 0 <= lo < hi, got {token_range!r}")
+        ids = [lo + (t - TOKEN_ID_LOW) % (hi - lo) for t in ids]
+    return {"model": model, "prompt": list(ids), "max_tokens": req.output_len, "ignore_eos": True,
+            "temperature": 0.0}  # fmt: skip
+
+
 def _valid(kind: str, name: str, options: Iterable[str]) -> ValueError:
     return ValueError(f"unknown {kind} {name!r}; valid: {', '.join(sorted(options))}")
 
@@ -387,11 +424,21 @@ def build_trace(
             f"valid: {sorted(arrival_opts + spec_opts)}"
         )
     spec = dataclasses.replace(spec, **{k: v for k, v in kw.items() if k in spec_opts})
-
-    arrival_rng, length_rng, token_rng = (
-        np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)
-    )
+    arrival_rng = _streams(seed)[0]
     times = arrival_fn(rate, duration_s, arrival_rng, **{k: v for k, v in kw.items() if k in arrival_opts})
+    return trace_at(times, spec, seed)
+
+
+def _streams(seed: int) -> list[np.random.Generator]:
+    """The independent random streams of a trace: arrival times, lengths, token ids."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3)]
+
+
+def trace_at(times: np.ndarray, spec: WorkloadSpec, seed: int = 0) -> list[TraceRequest]:
+    """Requests of ``spec`` arriving at ``times`` (sorted seconds, e.g. from an arrival process or :func:`thinned`),
+    with the lengths and token ids that :func:`build_trace` would draw for the same seed."""
+    _, length_rng, token_rng = _streams(seed)
+    times = np.asarray(times, dtype=np.float64)
     inputs, outputs = spec.sample(times.size, length_rng)
     columns = [times.tolist(), inputs.tolist(), outputs.tolist()]
     if not spec.shared_prefix:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from demo.control import Hpa, HpaSpec
+from demo.control import KedaHpa, demo_behavior
 
 FAST = ["--polling-interval", "1", "--startup-delay", "1", "--stabilization-window", "4",
         "--scaler-stable-window", "4"]  # fmt: skip
@@ -37,8 +37,9 @@ def _demo(out: Path, *extra: str) -> subprocess.Popen[str]:
 
 
 def test_hpa_math_matches_kubernetes() -> None:
-    """AverageValue: tolerance 0.1 keeps the count, else ceil(metric/target); scale-down stabilization; bounds."""
-    hpa = Hpa(HpaSpec(min_replicas=1, max_replicas=6, scale_down_window_s=10))
+    """AverageValue: tolerance 0.1 keeps the count, else ceil(metric/target); scale-down stabilization; bounds.
+    The demo's HPA is scaler.hpa.Hpa (the evaluator's) with its policies per polling interval (1 s here)."""
+    hpa = KedaHpa("p", min_replicas=1, max_replicas=6, behavior=demo_behavior(scale_down_window_s=10, period_s=1))
     assert hpa.decide(0, current=2, metric=2.1, target=1) == 2  # ratio 1.05: inside the tolerance
     assert hpa.decide(1, current=2, metric=4, target=1) == 4
     assert hpa.decide(2, current=4, metric=1, target=1) == 4  # held: 4 was recommended within 10 s
@@ -46,9 +47,11 @@ def test_hpa_math_matches_kubernetes() -> None:
     assert hpa.decide(14, current=1, metric=50, target=1) == 5  # scale-up policy: max(2x, +4)
     assert hpa.decide(15, current=5, metric=50, target=1) == 6  # max replicas
     assert hpa.decide(16, current=6, metric=3, target=2) == 6  # held by the window
-    assert Hpa(HpaSpec(0, 3)).decide(0, current=2, metric=0, target=1, active=False) == 0  # KEDA: idle → zero
+    idle = KedaHpa("p", 0, 3, demo_behavior(30, 1))
+    assert idle.decide(0, current=2, metric=0, target=1, active=False) == 0  # KEDA: idle → zero
+    assert idle.decide(1, current=0, metric=2, target=1, active=True) == 2  # KEDA activates, the HPA scales on
     with pytest.raises(ValueError):
-        HpaSpec(min_replicas=3, max_replicas=2)
+        KedaHpa("p", min_replicas=3, max_replicas=2, behavior=demo_behavior(30, 1))
 
 
 @pytest.mark.timeout(150)
