@@ -8,6 +8,9 @@
   history plus a new user message; think time between turns.
 * ``mixed-length`` — mostly short requests with a minority of very long prompts (JD Cloud's long/short case).
 * ``prefill-heavy`` — long unique prompts, short answers (P/D versus aggregated).
+
+Arrivals come from the simulator's Poisson process (:func:`simulator.workload.poisson`); the scenarios shape text
+prompts (the routers compared here hash text, not token ids).
 """
 
 from __future__ import annotations
@@ -15,6 +18,10 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
+
+from simulator.workload import poisson
 
 WORKLOADS = ("shared-prefix", "multi-turn", "mixed-length", "prefill-heavy")
 MODEL = "sim-model"
@@ -32,15 +39,6 @@ class BenchRequest:
 def _words(rng: random.Random, n: int, tag: str = "") -> str:
     # distinct-looking words; the tag keeps different tenants' texts apart from the first word on
     return " ".join(f"{tag}w{rng.randrange(100_000)}" for _ in range(n))
-
-
-def _poisson(rng: random.Random, rate: float, duration: float) -> list[float]:
-    out, t = [], 0.0
-    while True:
-        t += rng.expovariate(rate)
-        if t >= duration:
-            return out
-        out.append(t)
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ def build(name: str, *, backends: int, rate: float, duration: float, seed: int =
         raise ValueError(f"unknown workload {name!r}; known: {WORKLOADS}")
     rng = random.Random(seed)
     sc = scale or Scale()
-    arrivals = _poisson(rng, rate, duration)
+    arrivals = poisson(rate, duration, np.random.default_rng(seed)).tolist()  # the simulator's arrival process
     out: list[BenchRequest] = []
     if name == "shared-prefix":
         tenants = [_words(rng, sc.system_prompt_words, f"t{i}") for i in range(sc.tenants_per_backend * backends)]
