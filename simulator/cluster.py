@@ -1,11 +1,17 @@
 """Virtual-clock driver: N replicas of the engine core, a trace, a dispatcher and an outside controller.
 
-Time advances only through the event queue (arrivals, state syncs, controller ticks, replicas becoming ready).
-A replica's engine is advanced lazily up to the time of an event that concerns it, so pure-decode stretches
-between events run in closed form (see ``EngineCore.advance``).
+Time advances only through the event queue, as in Vidur (microsoft/vidur): each event has a kind (arrival,
+decode leg, admit, wake, sync, control, ready; the constants below say what each means) and each kind one small
+handler, ``Cluster._on_<kind>``, found through a dispatch table. A replica's engine is advanced lazily up to the
+time of an event that concerns it, so pure-decode stretches between events run in closed form (see
+``EngineCore.advance``).
 
-What a dispatcher sees, like a real router: its own in-flight count per replica (completions become known at
+What a dispatcher sees, like a real router (:class:`Dispatcher`): the request as a :class:`DispatchRequest`
+(prompt token ids when the trace has them, input/output length, arrival time) and each candidate as a
+:class:`ReplicaView`: its name, pool and role, the dispatcher's own in-flight count (completions become known at
 the next state sync, every ``sync_interval_s``) and engine stats (running, waiting, KV usage) as of that sync.
+Nothing of the engine itself, so a router's policy (e.g. an adapter around ``router.policies.Pipeline``) can
+choose here as it does between real endpoints.
 
 Replica lifecycle: ``set_replicas(pool, n)`` starts replicas that serve after ``startup_s`` (the cold start) or
 drains surplus ones (no new requests, deleted when idle). Replica-seconds count from start to deletion.
@@ -29,7 +35,7 @@ import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -40,37 +46,60 @@ from simulator.request import Request, SyntheticPrompt
 from simulator.workload import TraceRequest
 
 POOLS = ("aggregated", "prefill", "decode")
+# A pool's replicas have the role a router gives such an endpoint (router.backends.ROLES).
+ROLE_OF_POOL = {"aggregated": "both", "prefill": "prefill", "decode": "decode"}
+
+# Event kinds; each has a handler ``Cluster._on_<kind>`` (payload in brackets).
+ARRIVAL = "arrival"  # a trace request reaches the router [its _Tracked]
+DECODE_LEG = "decode_leg"  # P/D: a prefill leg finished, its decode leg is dispatched [(_Tracked, prefill Request)]
+ADMIT = "admit"  # a request leaves the pod's API server for the engine [(Replica, Request)]
+WAKE = "wake"  # a prefill replica's step boundary [Replica]
+SYNC = "sync"  # the dispatchers' view of every replica is refreshed [None]
+CONTROL = "control"  # a controller tick [Controller]
+READY = "ready"  # a replica finished starting; the router's backlog is dispatched [Replica]
+
+
+# -- what a dispatcher sees ----------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class ReplicaView:
+    """One replica as a router sees an endpoint: identity, role, its own in-flight count, engine stats as of the
+    last state sync. The cluster owns and updates it; a dispatcher reads it and returns one of the candidates."""
+
+    replica_id: int
+    name: str  # a stable endpoint name, e.g. "decode-3" (unique within a cluster)
+    pool: str  # aggregated | prefill | decode
+    role: str  # as a router calls it: both | prefill | decode
+    in_flight: int = 0  # dispatched minus completions known at the last sync (the dispatcher's own count)
+    running: int = 0  # engine stats as of the last sync
+    waiting: int = 0
+    kv_usage: float = 0.0
+    synced_s: float | None = None  # when those stats were read (None: not yet)
 
 
 @dataclass(slots=True)
-class Replica:
-    replica_id: int
-    pool: str
-    engine: EngineCore
-    created_s: float
-    ready_s: float
-    draining: bool = False
-    deleted_s: float | None = None
-    in_flight: int = 0  # as the dispatcher counts it (dispatched minus completions known at the last sync)
-    synced_running: int = 0
-    synced_waiting: int = 0
-    synced_kv_usage: float = 0.0
-    next_wake: float = -1.0
-    admitting: int = 0  # dispatched requests still in the API server's per-request overhead (not in the engine)
+class DispatchRequest:
+    """A request as a router sees it when choosing a replica."""
 
-    def serving(self, now: float) -> bool:
-        return self.deleted_s is None and not self.draining and now >= self.ready_s
+    request_id: str  # the engine request's id ("7", or "7-d" for the decode leg of request 7 under P/D)
+    arrival_s: float  # when the client sent it (the trace's arrival)
+    input_len: int
+    output_len: int
+    prompt_token_ids: list[int] | None  # when the trace has concrete ids (otherwise synthetic: lengths only)
+    session: str | None = None  # the conversation id of a recorded trace
+    decode_leg: bool = False  # P/D: the decode leg (its prefill ran on a prefill replica)
 
 
 class Dispatcher(Protocol):
-    def choose(self, req: TraceRequest, candidates: Sequence[Replica], now: float) -> Replica: ...
+    """Chooses the replica for a request among the serving replicas of one pool (never empty)."""
+
+    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView: ...
 
 
 class RoundRobin:
     def __init__(self) -> None:
         self._n = itertools.count()
 
-    def choose(self, req: TraceRequest, candidates: Sequence[Replica], now: float) -> Replica:
+    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
         return candidates[next(self._n) % len(candidates)]
 
 
@@ -78,15 +107,15 @@ class RandomChoice:
     def __init__(self, seed: int = 0) -> None:
         self._rng = random.Random(seed)
 
-    def choose(self, req: TraceRequest, candidates: Sequence[Replica], now: float) -> Replica:
+    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
         return self._rng.choice(candidates)
 
 
 class LeastRequest:
     """Fewest in-flight requests (router-counted), ties broken by the synced queue."""
 
-    def choose(self, req: TraceRequest, candidates: Sequence[Replica], now: float) -> Replica:
-        return min(candidates, key=lambda r: (r.in_flight, r.synced_waiting, r.replica_id))
+    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
+        return min(candidates, key=lambda r: (r.in_flight, r.waiting, r.replica_id))
 
 
 DISPATCHERS: dict[str, Callable[[], Dispatcher]] = {
@@ -94,6 +123,46 @@ DISPATCHERS: dict[str, Callable[[], Dispatcher]] = {
     "random": RandomChoice,
     "least-request": LeastRequest,
 }
+
+
+# -- the cluster's own state ---------------------------------------------------------------------------------------
+@dataclass(slots=True)
+class Replica:
+    """A replica and its engine (the cluster's internals; dispatchers see only :attr:`view`)."""
+
+    replica_id: int
+    pool: str
+    engine: EngineCore
+    created_s: float
+    ready_s: float
+    view: ReplicaView = field(init=False)
+    draining: bool = False
+    deleted_s: float | None = None
+    next_wake: float = -1.0
+    admitting: int = 0  # dispatched requests still in the API server's per-request overhead (not in the engine)
+
+    def __post_init__(self) -> None:
+        self.view = ReplicaView(self.replica_id, f"{self.pool}-{self.replica_id}", self.pool, ROLE_OF_POOL[self.pool])
+
+    def serving(self, now: float) -> bool:
+        return self.deleted_s is None and not self.draining and now >= self.ready_s
+
+    @property
+    def in_flight(self) -> int:
+        """As the dispatcher counts it (dispatched minus completions known at the last sync)."""
+        return self.view.in_flight
+
+    @property
+    def synced_running(self) -> int:
+        return self.view.running
+
+    @property
+    def synced_waiting(self) -> int:
+        return self.view.waiting
+
+    @property
+    def synced_kv_usage(self) -> float:
+        return self.view.kv_usage
 
 
 class Controller(Protocol):
@@ -168,12 +237,9 @@ class _Tracked:
     origin: Replica | None = None
 
 
-@dataclass(order=True, slots=True)
-class _Event:
-    time: float
-    order: int
-    kind: str = field(compare=False)
-    payload: object = field(compare=False, default=None)
+# An event on the queue: (time, order, kind, payload). ``order`` (a counter) makes ties pop first-in first-out and
+# keeps the comparison off kind and payload; plain tuples keep the heap fast (millions of events per run).
+_Event = tuple[float, int, str, Any]
 
 
 class Cluster:
@@ -215,6 +281,17 @@ class Cluster:
         self.itl = LogHistogram()
         self._backlog: dict[str, list[_Tracked]] = {p: [] for p in POOLS}
         self._now = 0.0
+        self._horizon = 0.0  # run(): the time up to which sync and control events keep coming regardless
+        self._controlled = False  # run(): a controller ticks
+        self._handlers: dict[str, Callable[[float, Any], None]] = {
+            ARRIVAL: self._on_arrival,
+            DECODE_LEG: self._on_decode_leg,
+            ADMIT: self._on_admit,
+            WAKE: self._on_wake,
+            SYNC: self._on_sync,
+            CONTROL: self._on_control,
+            READY: self._on_ready,
+        }
         # Called as fn(replica, request) when a request (or a P/D prefill leg) finishes on a replica, e.g. to keep
         # per-replica request counters and latency histograms like a real engine's /metrics.
         self.finish_listeners: list[Callable[[Replica, Request], None]] = []
@@ -228,9 +305,9 @@ class Cluster:
         engine = EngineCore(self.engine_config, self.latency)
         ready = now if ready_now else now + self.startup_s
         r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready)
-        self.replicas.append(r)
+        self.replicas.append(r)  # at index replica_id (ids count from 0; replicas are never removed)
         if not ready_now:
-            self._push(ready, "ready", r)  # also when startup_s is 0: the router backlog is flushed then
+            self._push(ready, READY, r)  # also when startup_s is 0: the router backlog is flushed then
         return r
 
     def pool_replicas(self, pool: str, *, include_draining: bool = False) -> list[Replica]:
@@ -267,8 +344,8 @@ class Cluster:
             self.timeline.append((now, pool, serving, total))
 
     # -- events --------------------------------------------------------------------------------------------------
-    def _push(self, t: float, kind: str, payload: object = None) -> None:
-        heapq.heappush(self._events, _Event(t, next(self._order), kind, payload))
+    def _push(self, t: float, kind: str, payload: Any = None) -> None:
+        heapq.heappush(self._events, (t, next(self._order), kind, payload))
 
     def _advance(self, r: Replica, t: float) -> None:
         for out in r.engine.advance(r.engine.busy_until, t, fast_forward=self.fast_forward):
@@ -282,7 +359,7 @@ class Cluster:
             t = max(r.engine.busy_until, self._now)
             if t > r.next_wake:
                 r.next_wake = t
-                self._push(t, "wake", r)
+                self._push(t, WAKE, r)
 
     def _harvest(self, r: Replica, out: StepOutput) -> None:
         if out.itl_tokens:  # each such token's gap is its step's duration (the engine steps back to back)
@@ -308,26 +385,28 @@ class Cluster:
     def _dispatch_decode_leg(self, prefill: Replica, req: Request, tr: _Tracked) -> None:
         tr.record.cached_tokens = max(req.num_cached_tokens, 0)
         leg = _Tracked(tr.record, tr.trace, tr.record_id, decode_leg=True, origin=prefill)
-        self._push(max(req.finish_time, self._now), "decode_leg", (leg, req))
+        self._push(max(req.finish_time, self._now), DECODE_LEG, (leg, req))
 
-    def _candidates(self, pool: str, now: float) -> list[Replica]:
-        return [r for r in self.replicas if r.pool == pool and r.serving(now)]
+    def _candidates(self, pool: str, now: float) -> list[ReplicaView]:
+        return [r.view for r in self.replicas if r.pool == pool and r.serving(now)]
 
     def _submit(self, pool: str, tr: _Tracked, now: float, prefill_req: Request | None = None) -> None:
         cands = self._candidates(pool, now)
         if not cands:
             self._backlog[pool].append(tr)  # waits at the router for a replica (scale from zero)
             return
-        r = self.dispatchers[pool].choose(tr.trace, cands, now)
-        self._advance(r, now)
         t = tr.trace
+        rid = f"{tr.record_id}-d" if tr.decode_leg else str(tr.record_id)
+        seen = DispatchRequest(rid, t.arrival_s, t.input_len, t.output_len, t.prompt_tokens, t.session, tr.decode_leg)
+        r = self.replicas[self.dispatchers[pool].choose(seen, cands, now).replica_id]
+        self._advance(r, now)
         room = self.engine_config.scheduler.max_model_len - t.input_len
         if room < 1:  # a real server answers 400; the trace generator should not produce these
             tr.record.dropped = True
             return
         prompt = t.prompt_tokens if t.prompt_tokens is not None else SyntheticPrompt(t.input_len, tr.record_id)
         req = Request(
-            request_id=f"{tr.record_id}{'-d' if tr.decode_leg else ''}",
+            request_id=rid,
             prompt_token_ids=prompt,
             max_tokens=1 if pool == "prefill" else min(t.output_len, room),
             arrival_time=now,
@@ -338,11 +417,11 @@ class Cluster:
         if tr.decode_leg and prefill_req is not None and tr.origin is not None:
             tr.origin.engine.release_held(prefill_req.request_id)
         tr.record.replica = r.replica_id
-        r.in_flight += 1
+        r.view.in_flight += 1
         overhead = self.latency.request_overhead_s
         if overhead > 0:  # the pod's API server holds the request first; the engine keeps stepping meanwhile
             r.admitting += 1
-            self._push(now + overhead, "admit", (r, req))
+            self._push(now + overhead, ADMIT, (r, req))
         else:
             self._admit(r, req, now)
 
@@ -357,9 +436,9 @@ class Cluster:
             if r.deleted_s is not None:
                 continue
             self._advance(r, now)
-            e = r.engine
-            r.in_flight = e.num_running + e.num_waiting + r.admitting
-            r.synced_running, r.synced_waiting, r.synced_kv_usage = e.num_running, e.num_waiting, e.kv.usage
+            e, v = r.engine, r.view
+            v.in_flight = e.num_running + e.num_waiting + r.admitting
+            v.running, v.waiting, v.kv_usage, v.synced_s = e.num_running, e.num_waiting, e.kv.usage, now
             self._maybe_delete(r, now)
 
     def run(
@@ -374,44 +453,20 @@ class Cluster:
         trace = list(trace)
         records = [RequestRecord(t.arrival_s, t.input_len, t.output_len) for t in trace]
         for i, (t, rec) in enumerate(zip(trace, records, strict=True)):
-            self._push(t.arrival_s, "arrival", _Tracked(rec, t, i))
+            self._push(t.arrival_s, ARRIVAL, _Tracked(rec, t, i))
         last_arrival = trace[-1].arrival_s if trace else 0.0
-        horizon = until_s if until_s is not None else last_arrival
-        self._push(self.sync_interval_s, "sync")
+        self._horizon = until_s if until_s is not None else last_arrival
+        self._controlled = controller is not None
+        self._push(self.sync_interval_s, SYNC)
         if controller is not None:
-            self._push(controller.interval_s, "control", controller)
-        while self._events:
-            ev = heapq.heappop(self._events)
-            if until_s is not None and ev.time > until_s:
+            self._push(controller.interval_s, CONTROL, controller)
+        events, handlers, pop = self._events, self._handlers, heapq.heappop
+        while events:
+            t, _, kind, payload = pop(events)
+            if until_s is not None and t > until_s:
                 break
-            now = self._now = ev.time
-            if ev.kind == "arrival":
-                self._submit(self._entry_pool(), ev.payload, now)  # type: ignore[arg-type]
-            elif ev.kind == "decode_leg":
-                leg, preq = ev.payload  # type: ignore[misc]
-                self._submit("decode", leg, now, preq)
-            elif ev.kind == "sync":
-                self._sync(now)
-                if now < horizon or self._busy(now, horizon, controller is not None):
-                    self._push(now + self.sync_interval_s, "sync")
-            elif ev.kind == "control":
-                ev.payload.tick(now, self)  # type: ignore[attr-defined]
-                if now < horizon or self._busy(now, horizon, True):
-                    self._push(now + ev.payload.interval_s, "control", ev.payload)  # type: ignore[attr-defined]
-            elif ev.kind == "admit":
-                r, req = ev.payload  # type: ignore[misc]
-                r.admitting -= 1
-                self._admit(r, req, now)
-            elif ev.kind == "wake":
-                r = ev.payload
-                if r.deleted_s is None:  # type: ignore[union-attr]
-                    self._advance(r, math.nextafter(now, math.inf))  # type: ignore[arg-type]
-            elif ev.kind == "ready":
-                self._record_timeline(now)
-                for pool, waiting in self._backlog.items():
-                    self._backlog[pool] = []
-                    for tr in waiting:
-                        self._submit(pool, tr, now)
+            self._now = t
+            handlers[kind](t, payload)
         end = self._now
         if drain and until_s is None:
             for r in self.replicas:
@@ -427,6 +482,40 @@ class Cluster:
             rs[r.pool] = rs.get(r.pool, 0.0) + max(0.0, stop - r.created_s)
         steps = sum(r.engine.num_steps for r in self.replicas)
         return ClusterResult(records, rs, self.timeline, self.itl, steps, end)
+
+    # -- event handlers: one per kind, called at the event's time ------------------------------------------------
+    def _on_arrival(self, now: float, tr: _Tracked) -> None:
+        self._submit(self._entry_pool(), tr, now)
+
+    def _on_decode_leg(self, now: float, payload: tuple[_Tracked, Request]) -> None:
+        leg, prefill_req = payload
+        self._submit("decode", leg, now, prefill_req)
+
+    def _on_admit(self, now: float, payload: tuple[Replica, Request]) -> None:
+        r, req = payload
+        r.admitting -= 1
+        self._admit(r, req, now)
+
+    def _on_wake(self, now: float, r: Replica) -> None:
+        if r.deleted_s is None:
+            self._advance(r, math.nextafter(now, math.inf))
+
+    def _on_sync(self, now: float, _: None) -> None:
+        self._sync(now)
+        if now < self._horizon or self._busy(now, self._horizon, self._controlled):
+            self._push(now + self.sync_interval_s, SYNC)
+
+    def _on_control(self, now: float, controller: Controller) -> None:
+        controller.tick(now, self)
+        if now < self._horizon or self._busy(now, self._horizon, True):
+            self._push(now + controller.interval_s, CONTROL, controller)
+
+    def _on_ready(self, now: float, _: Replica) -> None:
+        self._record_timeline(now)
+        for pool, waiting in self._backlog.items():
+            self._backlog[pool] = []
+            for tr in waiting:
+                self._submit(pool, tr, now)
 
     def _entry_pool(self) -> str:
         return "prefill" if self.pd else "aggregated"

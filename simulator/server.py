@@ -1,9 +1,15 @@
 """HTTP driver: an aiohttp server that speaks vLLM's OpenAI-compatible API over the engine core in real time.
 
-The engine loop runs as one asyncio task: it schedules a step at ``now``, sleeps until the step's modelled end,
-then hands the step's tokens to the waiting handlers (streaming them as SSE chunks). So tokens leave the server
-when the engine model says they exist. ``lateness`` (actual delivery minus modelled step end) is tracked and
-exposed at ``/kvscale/stats`` so benchmarks can check the driver keeps up.
+The engine loop runs as one asyncio task (:class:`EngineRunner`): it schedules a step at ``now``, sleeps until the
+step's modelled end, then hands the step's tokens to the waiting handlers (streaming them as SSE chunks written
+straight to the socket). So tokens leave the server when the engine model says they exist. ``lateness`` (actual
+delivery minus modelled step end) is tracked and exposed at ``/kvscale/stats`` so benchmarks can check the
+driver keeps up. Besides the API the server answers ``/metrics`` (vLLM's or SGLang's series), ``/health``,
+``/version``, and publishes KV events over ZMQ when configured.
+
+What the requests and answers look like is :mod:`simulator.openai_api` (parsing, validation, error shapes,
+response bodies and chunk templates); P/D (``kv_transfer_params``, the KV release side channel) is
+:mod:`simulator.pd`. This module keeps the real-time parts: the app, the engine loop, pacing and the sockets.
 """
 
 from __future__ import annotations
@@ -20,26 +26,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 
 from kvscale.histogram import LogHistogram
 from kvscale.latency import LatencyModel
 from kvscale.tokenizer import Tokenizer
+from simulator import pd
 from simulator.engine import EngineConfig, EngineCore, StepOutput
 from simulator.kv_publisher import KVEventsConfig, ZmqKVEventPublisher
 from simulator.metrics import EngineMetrics, MetricsInfo
+from simulator.openai_api import (
+    FINGERPRINT,
+    ApiError,
+    OpenAIApi,
+    ParsedRequest,
+    StreamChunks,
+    engine_request,
+    read_body,
+)
+from simulator.pd import ROLES
 from simulator.request import Request
 
+__all__ = ["FINGERPRINT", "ROLES", "ApiError", "EngineRunner", "ServeConfig", "SimServer"]
+
 log = logging.getLogger("kvscale.sim")
-FINGERPRINT = "vllm-0.32.0-kvscale-sim"
-
-
-def _dumps(obj: Any) -> str:
-    """Compact JSON, as vLLM (FastAPI/pydantic) writes it."""
-    return json.dumps(obj, separators=(",", ":"))
-
-ROLES = ("both", "prefill", "decode")
 
 
 @dataclass
@@ -60,35 +70,6 @@ class ServeConfig:
     @property
     def model_names(self) -> list[str]:
         return self.served_model_names or [self.model]
-
-
-class ApiError(Exception):
-    """An error answered in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``."""
-
-    TYPES = {400: "BadRequestError", 404: "NotFoundError", 413: "BadRequestError", 503: "ServiceUnavailableError"}
-
-    def __init__(self, status: int, message: str, param: str | None = None, type_: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.param = param
-        self.type = type_ or self.TYPES.get(status, "BadRequestError")
-
-    @classmethod
-    def validation(cls, field: str, message: str) -> ApiError:
-        """A request-schema error, shaped like vLLM's (pydantic) validation errors."""
-        return cls(400, f"1 validation error:\n  {message}", f"body.{field}" if field else "body", "Bad Request")
-
-    def response(self) -> web.Response:
-        body = {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.status,
-            }
-        }
-        return web.json_response(body, status=self.status, dumps=_dumps)
 
 
 class _Stream:
@@ -204,53 +185,8 @@ class EngineRunner:
                         self.on_kv_pulled(req)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# request parsing
-
-
-def _int_param(body: dict[str, Any], name: str, default: int | None, minimum: int) -> int | None:
-    v = body.get(name, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ApiError.validation(name, f"'{name}': Input should be a valid integer, got {type(v).__name__}")
-    if v < minimum:
-        raise ApiError(400, f"{name} must be at least {minimum}, got {v}.", name)
-    return v
-
-
-_TRUE = {"true", "yes", "y", "on", "1", "t"}
-_FALSE = {"false", "no", "n", "off", "0", "f"}
-
-
-def _bool_param(body: dict[str, Any], name: str) -> bool:
-    """A boolean with pydantic's lax parsing, as vLLM accepts it ("yes", "true", 1, ...)."""
-    v = body.get(name, False)
-    if v is None:
-        return False
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.lower() in _TRUE | _FALSE:
-        return v.lower() in _TRUE
-    raise ApiError.validation(name, f"'{name}': Input should be a valid boolean")
-
-
 def _prompt_hash(tokens: list[int]) -> str:
     return hashlib.sha256(json.dumps(tokens[:4096]).encode()).hexdigest()[:16]
-
-
-@dataclass
-class ParsedRequest:
-    chat: bool
-    model: str
-    prompt_token_ids: list[int]
-    max_tokens: int
-    stream: bool
-    include_usage: bool
-    kv_transfer_params: dict[str, Any] | None
-    lora_name: str | None
 
 
 class SimServer:
@@ -268,6 +204,15 @@ class SimServer:
         self.config = config
         self.tokenizer = tokenizer
         self.engine = EngineCore(engine_config, latency, record_events=config.kv_events.active)
+        self.api = OpenAIApi(
+            tokenizer,
+            model=config.model,
+            model_names=config.model_names,
+            lora_modules=config.lora_modules,
+            max_model_len=config.max_model_len,
+            default_max_tokens=config.default_max_tokens,
+            kv_capacity_tokens=engine_config.num_gpu_blocks * engine_config.block_size,
+        )
         self.hardware = f"simulated ({latency.name}{': ' + latency.hardware if latency.hardware else ''})"
         self.metrics = EngineMetrics(
             self.engine,
@@ -284,8 +229,7 @@ class SimServer:
         self.publisher: ZmqKVEventPublisher | None = None
         self.runner: EngineRunner | None = None
         self._clock = clock
-        self._session: aiohttp.ClientSession | None = None
-        self._background: set[asyncio.Task[None]] = set()  # strong references until done (asyncio docs)
+        self._releases = pd.ReleaseNotifier()
         self.created = int(time.time())
 
     # -- lifecycle -----------------------------------------------------------------------------------------------
@@ -310,7 +254,7 @@ class SimServer:
             self.publisher = ZmqKVEventPublisher(self.config.kv_events)
             self.publisher.start()
         self.runner = EngineRunner(self.engine, self.metrics, self.publisher, self._clock)
-        self.runner.on_kv_pulled = self._notify_prefill_pod
+        self.runner.on_kv_pulled = self._releases.kv_pulled
         self.runner.start()
 
     async def _on_cleanup(self, app: web.Application) -> None:
@@ -318,8 +262,7 @@ class SimServer:
             await self.runner.stop()
         if self.publisher is not None:
             await self.publisher.close()
-        if self._session is not None:
-            await self._session.close()
+        await self._releases.close()
 
     # -- small endpoints -----------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
@@ -329,33 +272,7 @@ class SimServer:
         return web.json_response({"version": "0.32.0", "engine": "kvscale-sim", "hardware": self.hardware})
 
     async def models(self, request: web.Request) -> web.Response:
-        data = [
-            {
-                "id": name,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "vllm",
-                "root": self.config.model,
-                "parent": None,
-                "max_model_len": self.config.max_model_len,
-                "permission": [],
-            }
-            for name in self.config.model_names
-        ]
-        data += [
-            {
-                "id": lora,
-                "object": "model",
-                "created": self.created,
-                "owned_by": "vllm",
-                "root": path,
-                "parent": self.config.model_names[0],
-                "max_model_len": None,
-                "permission": [],
-            }
-            for lora, path in self.config.lora_modules.items()
-        ]
-        return web.json_response({"object": "list", "data": data})
+        return web.json_response(self.api.models(self.created))
 
     async def metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -383,130 +300,6 @@ class SimServer:
             return ApiError(400, "expected JSON {'request_id': ...}", "request_id").response()
         return web.json_response({"released": self.engine.release_held(str(rid))})
 
-    def _notify_prefill_pod(self, req: Request) -> None:
-        params = req.remote_prefill or {}
-        host, port, rid = params.get("remote_host"), params.get("remote_port"), params.get("remote_request_id")
-        if not (host and port and rid):
-            return
-
-        async def notify() -> None:
-            if self._session is None:
-                self._session = aiohttp.ClientSession()
-            try:
-                async with self._session.post(
-                    f"http://{host}:{port}/kvscale/kv/release",
-                    json={"request_id": rid},
-                    timeout=aiohttp.ClientTimeout(total=5),
-                ) as resp:
-                    await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as e:  # the hold timeout frees the blocks anyway
-                log.warning("KV release notification to %s:%s failed: %s", host, port, e)
-
-        task = asyncio.get_running_loop().create_task(notify())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    # -- parsing -------------------------------------------------------------------------------------------------
-    async def _body(self, request: web.Request) -> dict[str, Any]:
-        try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge as e:
-            raise ApiError(413, "request body too large") from e
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long ints, nesting
-            raise ApiError.validation("", f"JSON decode error: {e}") from e
-        if not isinstance(body, dict):
-            raise ApiError.validation("", "Input should be a valid dictionary or object")
-        return body
-
-    def _parse(self, body: dict[str, Any], chat: bool) -> ParsedRequest:
-        model = body.get("model")
-        if model is None:
-            model = self.config.model_names[0]  # vLLM serves the default model when none is named
-        if not isinstance(model, str):
-            raise ApiError.validation("model", "'model': Input should be a valid string")
-        lora = None
-        if model not in self.config.model_names:
-            if model in self.config.lora_modules:
-                lora = model
-            else:
-                aliases = ", ".join([*self.config.model_names, *self.config.lora_modules])
-                raise ApiError(404, f"The model `{model}` does not exist. Valid aliases: {aliases}.", "model")
-        if chat:
-            messages = body.get("messages")
-            if not isinstance(messages, list) or not messages:
-                raise ApiError(400, "'messages' must be a non-empty list", "messages")
-            for m in messages:
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                    raise ApiError(400, "each message must be an object with a string 'role'", "messages")
-                c = m.get("content")
-                if c is not None and not isinstance(c, str | list):
-                    raise ApiError(400, "message 'content' must be a string or a list of parts", "messages")
-            try:
-                tokens = self.tokenizer.encode_chat(messages)
-            except Exception as e:  # a chat template may reject a conversation (e.g. roles out of order)
-                raise ApiError(400, f"cannot apply the chat template: {e}", "messages") from e
-        else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                tokens = self.tokenizer.encode_prompt(prompt)
-            elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                tokens = list(prompt)
-                if any(t < 0 or t >= self.tokenizer.vocab_size for t in tokens):
-                    raise ApiError(400, "token id in 'prompt' out of vocabulary range", "prompt")
-            elif prompt is None:
-                raise ApiError(400, "'prompt' is required", "prompt")
-            else:
-                raise ApiError(
-                    400, "'prompt' must be a string, a list of token ids, or a one-element list of those", "prompt"
-                )
-        if not tokens:
-            raise ApiError(400, "the prompt is empty", "prompt")
-        n = _int_param(body, "n", 1, 1)
-        if n != 1:
-            raise ApiError(400, "the simulator supports n=1 only", "n")
-        max_len = self.config.max_model_len
-        if len(tokens) >= max_len:
-            raise ApiError(
-                400,
-                f"This model's maximum context length is {max_len} tokens. However, your prompt contains at least "
-                f"{len(tokens)} input tokens, which exceeds this limit even without any output tokens. Please "
-                f"reduce the length of the input prompt. (parameter=input_tokens, value={len(tokens)})",
-                "input_tokens",
-            )
-        key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-        default = max_len - len(tokens) if chat else self.config.default_max_tokens
-        max_tokens = _int_param(body, key, default, 1)
-        assert max_tokens is not None
-        if max_tokens > max_len:
-            raise ApiError(
-                400,
-                f"max_tokens={max_tokens} cannot be greater than max_model_len={max_len}. Please request fewer "
-                f"output tokens. (parameter=max_tokens, value={max_tokens})",
-                "max_tokens",
-            )
-        max_tokens = min(max_tokens, max_len - len(tokens))  # vLLM caps the output at the context length
-        capacity = self.engine.config.num_gpu_blocks * self.engine.config.block_size
-        if len(tokens) + max_tokens > capacity:
-            raise ApiError(400, f"prompt plus '{key}' ({len(tokens) + max_tokens} tokens) exceeds the KV cache "
-                           f"capacity of {capacity} tokens", key)  # fmt: skip
-        stream = _bool_param(body, "stream")
-        opts = body.get("stream_options")
-        if opts is not None and not isinstance(opts, dict):
-            raise ApiError.validation("stream_options", "'stream_options': Input should be a valid dictionary")
-        include_usage = bool(opts and opts.get("include_usage"))
-        ktp = body.get("kv_transfer_params")
-        if ktp is not None and not isinstance(ktp, dict):
-            raise ApiError.validation("kv_transfer_params", "'kv_transfer_params': Input should be a valid dictionary")
-        for name in ("temperature", "top_p"):
-            v = body.get(name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int | float)):
-                raise ApiError.validation(name, f"'{name}': Input should be a valid number")
-        return ParsedRequest(chat, model, tokens, max_tokens, stream, include_usage, ktp, lora)
-
     # -- generation ----------------------------------------------------------------------------------------------
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._generate(request, chat=False)
@@ -515,43 +308,15 @@ class SimServer:
         return await self._generate(request, chat=True)
 
     def _make_request(self, p: ParsedRequest) -> Request:
-        ktp = p.kv_transfer_params or {}
-        do_remote_decode = bool(ktp.get("do_remote_decode"))
-        remote_prefill = ktp if ktp.get("do_remote_prefill") else None
-        if do_remote_decode and self.config.role == "decode":
-            raise ApiError(400, "this pod has role 'decode' and cannot serve a prefill-only request")
-        if remote_prefill and self.config.role == "prefill":
-            raise ApiError(400, "this pod has role 'prefill' and cannot pull remote KV")
-        prefix = "chatcmpl-" if p.chat else "cmpl-"
-        return Request(
-            request_id=prefix + uuid.uuid4().hex,
-            prompt_token_ids=p.prompt_token_ids,
-            max_tokens=1 if do_remote_decode else p.max_tokens,
-            arrival_time=0.0,
-            lora_name=p.lora_name,
-            do_remote_decode=do_remote_decode,
-            remote_prefill=remote_prefill,
-            extra_key=p.lora_name.encode() if p.lora_name else b"",
-        )
+        do_remote_decode, remote_prefill = pd.transfer_roles(p.kv_transfer_params, self.config.role)
+        return engine_request(p, do_remote_decode=do_remote_decode, remote_prefill=remote_prefill)
 
     def _kv_transfer_params(self, req: Request) -> dict[str, Any] | None:
-        if not req.do_remote_decode:
-            return None
-        return {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_block_ids": list(req.block_ids),
-            "remote_engine_id": self.config.engine_id,
-            "remote_request_id": req.request_id,
-            "remote_host": self.config.host,
-            "remote_port": self.config.port,
-            "tp_size": 1,
-            "remote_num_tokens": req.num_prompt_tokens,
-        }
+        return pd.prefill_response_params(req, self.config.engine_id, self.config.host, self.config.port)
 
     async def _generate(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
         try:
-            p = self._parse(await self._body(request), chat)
+            p = self.api.parse(await read_body(request), chat)
             req = self._make_request(p)
         except ApiError as e:
             return e.response()
@@ -568,7 +333,7 @@ class SimServer:
                 return await self._stream(request, p, req, stream, arrived)
             runner.submit(req, stream, await self._api_overhead(arrived))
             await stream.done
-            return self._complete(p, req)
+            return self.api.completion(p, req, self._kv_transfer_params(req))
         finally:
             if not stream.finished:
                 runner.abort(req)
@@ -585,39 +350,6 @@ class SimServer:
             await asyncio.sleep(lat.request_overhead_s)
         return received + lat.client_overhead_s
 
-    def _usage(self, req: Request) -> dict[str, Any]:
-        return {
-            "prompt_tokens": req.num_prompt_tokens,
-            "total_tokens": req.num_prompt_tokens + req.num_output_tokens,
-            "completion_tokens": req.num_output_tokens,
-            "prompt_tokens_details": {"cached_tokens": max(req.num_cached_tokens, 0)},
-        }
-
-    def _text(self, ids: list[int]) -> str:
-        return "".join(self.tokenizer.decode_token(t) for t in ids)
-
-    def _complete(self, p: ParsedRequest, req: Request) -> web.Response:
-        text = self._text(req.output_token_ids)
-        usage = self._usage(req)
-        usage["prompt_tokens_details"].update(created_cache_tokens=0 if p.chat else None, multimodal_tokens=None)
-        usage["completion_tokens_details"] = None
-        body: dict[str, Any] = {"id": req.request_id, "object": "chat.completion" if p.chat else "text_completion",
-                                "created": int(time.time()), "model": p.model}  # fmt: skip
-        if p.chat:
-            message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
-                       "function_call": None, "reasoning": None}  # fmt: skip
-            body["choices"] = [{"index": 0, "message": message, "logprobs": None, "finish_reason": req.finish_reason,
-                                "stop_reason": None, "token_ids": None, "routed_experts": None}]  # fmt: skip
-        else:
-            body["choices"] = [{"index": 0, "text": text, "logprobs": None, "finish_reason": req.finish_reason,
-                                "stop_reason": None, "token_ids": None, "prompt_logprobs": None,
-                                "prompt_token_ids": None, "routed_experts": None}]  # fmt: skip
-        body.update(service_tier=None, system_fingerprint=FINGERPRINT, usage=usage)
-        if p.chat:
-            body.update(prompt_logprobs=None, prompt_token_ids=None, prompt_text=None)
-        body.update(kv_transfer_params=self._kv_transfer_params(req), ec_transfer_params=None, metrics=None)
-        return web.json_response(body, dumps=_dumps)
-
     async def _stream(
         self, request: web.Request, p: ParsedRequest, req: Request, stream: _Stream, arrived: float
     ) -> web.StreamResponse:
@@ -626,31 +358,13 @@ class SimServer:
         await resp.prepare(request)
         runner = self.runner
         assert runner is not None
-        head = _dumps({"id": req.request_id, "object": "chat.completion.chunk" if p.chat else "text_completion",
-                       "created": int(time.time()), "model": p.model})[:-1]  # fmt: skip
-        role_chunk = b""
-        if p.chat:  # like vLLM, the role chunk goes out with the first token, not before
-            first = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                     "finish_reason": None}  # fmt: skip
-            role_chunk = (
-                f'data: {head},"choices":[{_dumps(first)}],"prompt_token_ids":null,"prompt_text":null}}\n\n'.encode()
-            )
+        chunks = StreamChunks(p, req)
         transport = request.transport
         chunked = resp.headers.get("Transfer-Encoding", "").lower() == "chunked"  # HTTP/1.1; not for HTTP/1.0
         sent = 0
-
-        if p.chat:
-            pre = f'data: {head},"choices":[{{"index":0,"delta":{{"content":'.encode()
-            post = b'},"logprobs":null,"finish_reason":%b,"token_ids":null}]}\n\n'
-            post_last = b'},"logprobs":null,"finish_reason":%b,"stop_reason":null,"token_ids":null}]}\n\n'
-        else:
-            pre = f'data: {head},"choices":[{{"index":0,"text":'.encode()
-            post = (b',"logprobs":null,"finish_reason":%b,"stop_reason":null,"prompt_token_ids":null,'
-                    b'"token_ids":null}]}\n\n')
-            post_last = post
-        post_running = post % b"null"
+        role_chunk, pre, post_running, post_last = chunks.role_chunk, chunks.pre, chunks.post_running, chunks.post_last
         write = transport.write if transport is not None else None
-        text_of = self._text
+        text_of = self.api.text
 
         def sink(n: int, last: bool, scheduled: float) -> None:
             """Called by the engine loop: one SSE event, written as one HTTP/1.1 chunk straight to the socket."""
@@ -678,14 +392,8 @@ class SimServer:
             return resp
         try:
             if p.include_usage:
-                u = self._usage(req)
-                if p.chat:
-                    u["prompt_tokens_details"]["created_cache_tokens"] = 0
-                usage = _dumps(u)
-                await resp.write(
-                    f'data: {head},"choices":[],"usage":{usage},"system_fingerprint":"{FINGERPRINT}"}}\n\n'.encode()
-                )
-            await resp.write(b"data: [DONE]\n\n")
+                await resp.write(chunks.usage_chunk(req))
+            await resp.write(StreamChunks.DONE)
         except ConnectionResetError:
             log.debug("client of %s went away", req.request_id)
         return resp

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
 from models_for_tests import LAT
 
 from kvscale.latency import LatencyModel, prefill_attn_term
-from simulator.cluster import Cluster, ClusterResult, LeastRequest, RoundRobin
+from simulator.cluster import (
+    Cluster,
+    ClusterResult,
+    DispatchRequest,
+    LeastRequest,
+    ReplicaView,
+    RoundRobin,
+)
 from simulator.workload import TraceRequest, build_trace
 
 
@@ -89,6 +98,49 @@ def test_least_request_spreads_a_burst_before_any_sync() -> None:
     burst = [short(0.01) for _ in range(7)]
     res = Cluster(LAT, replicas={"aggregated": 3}, dispatcher=LeastRequest()).run(burst)
     assert [r.replica for r in res.records] == [0, 1, 2, 0, 1, 2, 0]
+
+
+class Recording:
+    """A dispatcher written against the interface only (as a router adapter would be): records what it is shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[DispatchRequest, list[ReplicaView], float]] = []
+
+    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
+        self.seen.append((req, [copy.copy(c) for c in candidates], now))
+        return max(candidates, key=lambda c: c.replica_id)
+
+
+def test_a_dispatcher_sees_views_of_the_candidates_and_of_the_request() -> None:
+    d = Recording()
+    trace = [TraceRequest(0.0, [5, 6, 7], 3, 400, session="s1"), short(1.0)]
+    res = Cluster(LAT, replicas={"aggregated": 2}, dispatcher=d).run(trace)
+    assert [r.replica for r in res.records] == [1, 1]  # the returned view picks the replica
+    (req0, cands0, t0), (req1, cands1, t1) = d.seen
+    assert all(type(c) is ReplicaView for c in cands0 + cands1)  # not the cluster's Replica (no engine)
+    assert [(c.replica_id, c.name, c.pool, c.role) for c in cands0] == [
+        (0, "aggregated-0", "aggregated", "both"),
+        (1, "aggregated-1", "aggregated", "both"),
+    ]
+    assert (req0.request_id, req0.arrival_s, req0.input_len, req0.output_len) == ("0", 0.0, 3, 400)
+    assert (req0.prompt_token_ids, req0.session, req0.decode_leg) == ([5, 6, 7], "s1", False)
+    assert (t0, t1) == (0.0, 1.0) and req1.prompt_token_ids is None
+    assert [(c.in_flight, c.synced_s) for c in cands0] == [(0, None), (0, None)]
+    one = cands1[1]  # as of the sync at 0.8 s: request 0 still decoding (400 tokens) on replica 1
+    assert (one.in_flight, one.running, one.waiting, one.synced_s) == (1, 1, 0, pytest.approx(0.8))
+    assert 0 < one.kv_usage < 1 and cands1[0].kv_usage == 0
+
+
+def test_a_pd_dispatcher_sees_each_pool_and_the_decode_leg() -> None:
+    prefill_d, decode_d = Recording(), Recording()
+    Cluster(LAT, replicas={"prefill": 1, "decode": 1}, dispatcher={"prefill": prefill_d, "decode": decode_d}).run(
+        [short(0.0)]
+    )
+    ((p_req, (p_view,), _),) = prefill_d.seen
+    ((d_req, (d_view,), d_at),) = decode_d.seen
+    assert (p_req.request_id, p_req.decode_leg, p_view.pool, p_view.role) == ("0", False, "prefill", "prefill")
+    assert (d_req.request_id, d_req.decode_leg, d_view.pool, d_view.role) == ("0-d", True, "decode", "decode")
+    assert d_req.arrival_s == 0.0 < d_at  # the decode leg is dispatched when the prefill finished
 
 
 # -- scaling ------------------------------------------------------------------------------------------------------
