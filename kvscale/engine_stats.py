@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
+from kvscale.engines import EngineAdapter, Series, detect
+
 __all__ = [
     "EngineStats",
     "EngineWindow",
@@ -39,7 +41,7 @@ class HistogramSnapshot:
 
     def __sub__(self, older: HistogramSnapshot) -> HistogramSnapshot:
         """Observations made between ``older`` and ``self`` (a reset, i.e. a restarted pod, yields ``self``)."""
-        if not older.buckets or self.count < older.count or len(self.buckets) != len(older.buckets):
+        if self.count < older.count or len(self.buckets) != len(older.buckets):
             return self
         buckets = tuple((le, c - o) for (le, c), (_, o) in zip(self.buckets, older.buckets, strict=True))
         return HistogramSnapshot(buckets, self.sum - older.sum, self.count - older.count)
@@ -96,6 +98,9 @@ class EngineStats:
     itl: HistogramSnapshot = HistogramSnapshot()
     prompt_len: HistogramSnapshot = HistogramSnapshot()  # sum and count only (the mean ISL): no buckets
     output_len: HistogramSnapshot = HistogramSnapshot()
+    # the engine exports no request-length histograms (SGLang by default): the window's mean ISL/OSL come from
+    # the token counters over the finished requests instead
+    lengths_from_counters: bool = False
     block_size: int | None = None
     num_gpu_blocks: int | None = None
     models: frozenset[str] = frozenset()
@@ -117,7 +122,7 @@ class EngineWindow:
     finish_rate: float
     prompt_tokens_per_s: float  # prefill tokens computed (uncached) per second
     generation_tokens_per_s: float
-    mean_isl: float | None  # from the request prompt-length histogram (finished requests)
+    mean_isl: float | None  # from the request prompt-length histogram (finished requests), else the counters
     mean_osl: float | None
     prefix_hit_rate: float | None
     ttft: HistogramSnapshot = field(default_factory=HistogramSnapshot)
@@ -141,14 +146,22 @@ def window(older: EngineStats, newer: EngineStats) -> EngineWindow:
     q = _counter_delta(newer.prefix_queries_total, older.prefix_queries_total)
     h = _counter_delta(newer.prefix_hits_total, older.prefix_hits_total)
     hit_rate = h / q if q > 0 else newer.prefix_hit_rate_gauge
+    prompt_tokens = _counter_delta(newer.prompt_tokens_total, older.prompt_tokens_total)
+    generation_tokens = _counter_delta(newer.generation_tokens_total, older.generation_tokens_total)
+    if newer.lengths_from_counters:  # no length histograms: tokens over the requests finished in the window
+        mean_isl = prompt_tokens / finished if finished > 0 else None
+        mean_osl = generation_tokens / finished if finished > 0 else None
+    else:
+        mean_isl = (newer.prompt_len - older.prompt_len).mean
+        mean_osl = (newer.output_len - older.output_len).mean
     return EngineWindow(
         seconds=dt,
         arrival_rate=arrivals / dt,
         finish_rate=finished / dt,
-        prompt_tokens_per_s=_counter_delta(newer.prompt_tokens_total, older.prompt_tokens_total) / dt,
-        generation_tokens_per_s=_counter_delta(newer.generation_tokens_total, older.generation_tokens_total) / dt,
-        mean_isl=(newer.prompt_len - older.prompt_len).mean,
-        mean_osl=(newer.output_len - older.output_len).mean,
+        prompt_tokens_per_s=prompt_tokens / dt,
+        generation_tokens_per_s=generation_tokens / dt,
+        mean_isl=mean_isl,
+        mean_osl=mean_osl,
         prefix_hit_rate=hit_rate,
         ttft=newer.ttft - older.ttft,
         itl=newer.itl - older.itl,
@@ -158,61 +171,37 @@ def window(older: EngineStats, newer: EngineStats) -> EngineWindow:
     )
 
 
-# Metric names per engine, first match wins (newer vLLM names first).
-_NAMES: dict[str, dict[str, tuple[str, ...]]] = {
-    "vllm": {
-        "running": ("vllm:num_requests_running",),
-        "waiting": ("vllm:num_requests_waiting",),
-        "kv_usage": ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-        "prompt_tokens_total": ("vllm:prompt_tokens",),
-        "generation_tokens_total": ("vllm:generation_tokens",),
-        "requests_finished_total": ("vllm:request_success",),
-        "prefix_queries_total": ("vllm:prefix_cache_queries", "vllm:gpu_prefix_cache_queries"),
-        "prefix_hits_total": ("vllm:prefix_cache_hits", "vllm:gpu_prefix_cache_hits"),
-        "ttft": ("vllm:time_to_first_token_seconds",),
-        "itl": ("vllm:inter_token_latency_seconds", "vllm:time_per_output_token_seconds"),
-        "prompt_len": ("vllm:request_prompt_tokens",),
-        "output_len": ("vllm:request_generation_tokens",),
-    },
-    "sglang": {
-        "running": ("sglang:num_running_reqs",),
-        "waiting": ("sglang:num_queue_reqs",),
-        "kv_usage": ("sglang:token_usage",),
-        "prompt_tokens_total": ("sglang:prompt_tokens",),
-        "generation_tokens_total": ("sglang:generation_tokens",),
-        "requests_finished_total": ("sglang:num_requests",),
-        "prefix_hit_rate_gauge": ("sglang:cache_hit_rate",),
-        "ttft": ("sglang:time_to_first_token_seconds",),
-        "itl": ("sglang:inter_token_latency_seconds", "sglang:time_per_output_token_seconds"),
-    },
-}
 _HISTOGRAMS = ("ttft", "itl", "prompt_len", "output_len")
-_MEAN_ONLY = ("prompt_len", "output_len")  # only _sum and _count are read: their buckets are skipped
-_INFO = ("vllm:cache_config_info", "vllm:lora_requests_info")
+_COUNTERS = ("prompt_tokens_total", "generation_tokens_total", "requests_finished_total",
+             "prefix_queries_total", "prefix_hits_total")  # fmt: skip
 _LIGHT = {"running", "waiting", "kv_usage"}
 
 
-def _keep_prefixes(text: str, engine: str, light: bool) -> tuple[str, ...]:
+def _chosen(text: str, adapter: EngineAdapter, light: bool) -> dict[str, Series | None]:
+    """Per quantity, the first of its series that the page exports (None: the page has none of them)."""
+    return {key: q.first_on_page(text) for key, q in adapter.quantities.items() if not (light and key not in _LIGHT)}
+
+
+def _keep_prefixes(adapter: EngineAdapter, chosen: dict[str, Series | None]) -> tuple[str, ...]:
     """Line prefixes worth parsing: per quantity, the series of the first of its names that the page has (a vLLM
     page exports both the new and the deprecated ITL histogram) and their ``# TYPE`` line, plus the info series.
     Exact names: ``vllm:prompt_tokens`` must not also pull in ``vllm:prompt_tokens_cached_by_source_total``."""
-    keep: list[str] = [f"{n}{{" for n in _INFO] + [f"# TYPE {n} " for n in _INFO]
-    for key, names in _NAMES[engine].items():
-        if light and key not in _LIGHT:
-            continue
-        name = next((n for n in names if f"# TYPE {n}" in text), names[0])
-        if key in _HISTOGRAMS:
-            ends = ("_sum", "_count") if key in _MEAN_ONLY else ("_bucket", "_sum", "_count")
-        elif key.endswith("_total"):  # counters: prometheus_client exposes name_total
-            ends = ("_total{", "_total ")
-        else:
-            ends = ("{", " ")
-        keep += [name + e for e in ends] + [f"# TYPE {name} ", f"# TYPE {name}_total "]
+    info = [n for n in (adapter.cache_config_info, adapter.lora_info) if n]
+    keep: list[str] = [f"{n}{{" for n in info] + [f"# TYPE {n} " for n in info]
+    for key, series in chosen.items():
+        q = adapter[key]
+        s = series or q.series[0]
+        if s.kind == "histogram" and not s.part:
+            ends = ("_sum", "_count") if q.mean_only else ("_bucket", "_sum", "_count")
+            names = [s.name + e for e in ends]
+        else:  # a gauge, a counter (prometheus_client exposes name_total) or one part of a histogram
+            names = [s.sample]
+        keep += [n + e for n in names for e in ("{", " ")] + [f"# TYPE {n} " for n in s.type_names]
     return tuple(keep)
 
 
 def parse_metrics(text: str, at: float | None = None, light: bool = False) -> EngineStats:
-    """Parse a Prometheus text page from vLLM or SGLang into :class:`EngineStats`.
+    """Parse a Prometheus text page from vLLM or SGLang into :class:`EngineStats` (names: :mod:`kvscale.engines`).
 
     ``light`` reads only the load gauges (running, waiting, KV usage) and the info series: what a router needs
     every few hundred milliseconds, at a fraction of the cost. Counters and histograms are then left empty.
@@ -220,79 +209,83 @@ def parse_metrics(text: str, at: float | None = None, light: bool = False) -> En
     Raises ScrapeError when the page is not an engine's metrics (no running/waiting series), so a wrong URL or a
     proxy's error page is never mistaken for an idle engine.
     """
-    engine = "sglang" if "sglang:num_running_reqs" in text else "vllm"
-    names = _NAMES[engine]
+    adapter = detect(text)
+    chosen = _chosen(text, adapter, light)
     # Cheap pre-filter: the library parser is pure Python (~30 us a sample) and a vLLM page is mostly series we
     # never read (other histograms, buckets of the length histograms).
-    keep = _keep_prefixes(text, engine, light)
+    keep = _keep_prefixes(adapter, chosen)
     lines = [ln for ln in text.splitlines() if ln.startswith(keep)]
     try:
-        families = {f.name: f for f in text_string_to_metric_families("\n".join(lines) + "\n")}
+        families = list(text_string_to_metric_families("\n".join(lines) + "\n"))
     except Exception as exc:  # the library raises ValueError/TypeError/IndexError on malformed pages
         raise ScrapeError(f"malformed metrics page: {exc}") from exc
+    samples: dict[str, list] = {}
+    for f in families:
+        for smp in f.samples:
+            samples.setdefault(smp.name, []).append(smp)
 
-    def family(key: str):
-        for name in names.get(key, ()):
-            if name in families:
-                return families[name]
-        return None
-
-    def scalar(key: str, reduce=sum) -> float | None:
-        f = family(key)
-        if f is None:
+    def series_of(key: str) -> Series | None:
+        """The series read for ``key`` (None: not read, or not on the page): the chosen one; on a page without
+        ``# TYPE`` lines, the first name if it has samples."""
+        if key not in chosen:
             return None
-        values = [s.value for s in f.samples if not s.name.endswith("_created") and math.isfinite(s.value)]
-        return float(reduce(values)) if values else None
+        s = chosen[key] or adapter[key].series[0]
+        return s if chosen[key] is not None or s.sample in samples else None
+
+    def scalar(key: str) -> float | None:
+        s = series_of(key)
+        values = [x.value for x in samples.get(s.sample, ()) if math.isfinite(x.value)] if s else []
+        if not values:
+            return None
+        return float(max(values) if adapter[key].reduce == "max" else sum(values))
 
     def histogram(key: str) -> HistogramSnapshot:
-        f = family(key)
-        if f is None:
+        s = series_of(key)
+        if s is None:
             return HistogramSnapshot()
         per_le: dict[float, float] = {}
-        total = count = 0.0
-        for s in f.samples:
-            if s.name.endswith("_bucket"):
-                le = float(s.labels["le"])
-                per_le[le] = per_le.get(le, 0.0) + s.value
-            elif s.name.endswith("_sum"):
-                total += s.value
-            elif s.name.endswith("_count"):
-                count += s.value
+        for x in samples.get(s.name + "_bucket", ()):
+            le = float(x.labels["le"])
+            per_le[le] = per_le.get(le, 0.0) + x.value
+        total = sum(x.value for x in samples.get(s.name + "_sum", ()))
+        count = sum(x.value for x in samples.get(s.name + "_count", ()))
         return HistogramSnapshot(tuple(sorted(per_le.items())), total, count)
 
     running, waiting = scalar("running"), scalar("waiting")
     if running is None or waiting is None:
-        raise ScrapeError(f"not an engine metrics page: no {names['running'][0]} / {names['waiting'][0]} series")
-    kv = scalar("kv_usage", reduce=max)
-    models = frozenset(
-        s.labels["model_name"] for f in families.values() for s in f.samples if "model_name" in s.labels
-    )
+        run, wait = adapter["running"].series[0].sample, adapter["waiting"].series[0].sample
+        raise ScrapeError(f"not an engine metrics page: no {run} / {wait} series")
+    kv = scalar("kv_usage")
+    models = frozenset(x.labels["model_name"] for xs in samples.values() for x in xs if "model_name" in x.labels)
     block_size = num_blocks = max_loras = None
     running_loras: frozenset[str] = frozenset()
     waiting_loras: frozenset[str] = frozenset()
-    if (cc := families.get(_INFO[0])) and cc.samples:
-        labels = cc.samples[0].labels
+    if adapter.cache_config_info and (cc := samples.get(adapter.cache_config_info)):
+        labels = cc[0].labels
         block_size = int(labels["block_size"]) if labels.get("block_size", "").isdigit() else None
         num_blocks = int(labels["num_gpu_blocks"]) if labels.get("num_gpu_blocks", "").isdigit() else None
-    if (lr := families.get(_INFO[1])) and lr.samples:
-        latest = max(lr.samples, key=lambda s: s.value)  # vLLM sets the value to the update timestamp
+    if adapter.lora_info and (lr := samples.get(adapter.lora_info)):
+        latest = max(lr, key=lambda x: x.value)  # vLLM sets the value to the update timestamp
         split = lambda v: frozenset(x for x in v.split(",") if x)  # noqa: E731
         running_loras = split(latest.labels.get("running_lora_adapters", ""))
         waiting_loras = split(latest.labels.get("waiting_lora_adapters", ""))
         ml = latest.labels.get("max_lora", "")
         max_loras = int(ml) if ml.isdigit() else None
-    counters = ("prompt_tokens_total", "generation_tokens_total", "requests_finished_total",
-                "prefix_queries_total", "prefix_hits_total")  # fmt: skip
-    kwargs = {k: scalar(k) or 0.0 for k in counters}
+    counters = {k: scalar(k) or 0.0 for k in _COUNTERS}
+    if series_of("prefix_hits_total") is None:
+        # A hit rate from counters needs the hits counter: without it (SGLang before cached_tokens_total) the
+        # queried tokens alone would read as a 0 % hit rate; the hit-rate gauge stands in.
+        counters["prefix_queries_total"] = counters["prefix_hits_total"] = 0.0
     return EngineStats(
-        engine=engine,
+        engine=adapter.engine,
         at=time.monotonic() if at is None else at,
         running=running,
         waiting=waiting,
         kv_usage=kv or 0.0,
-        prefix_hit_rate_gauge=scalar("prefix_hit_rate_gauge", reduce=max),
-        **kwargs,
+        prefix_hit_rate_gauge=scalar("prefix_hit_rate_gauge"),
+        **counters,
         **{k: histogram(k) for k in _HISTOGRAMS},
+        lengths_from_counters=not light and series_of("prompt_len") is None,
         block_size=block_size,
         num_gpu_blocks=num_blocks,
         models=models,

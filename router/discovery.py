@@ -1,12 +1,12 @@
-"""Backend discovery: a static list, or Kubernetes pods (watch + periodic relist).
+"""Backend discovery: a static list, or Kubernetes pods (the core's list + watch + periodic relist).
 
 A discovery object calls ``on_update(specs)`` with the *complete* current backend list whenever it changes;
 the app turns that into :meth:`BackendPool.update`.
 
-Kubernetes: pods matching ``selector`` in ``namespace`` become backends when they are Ready, have a pod IP and are
-not terminating. The watch runs in a thread (the ``kubernetes`` client is synchronous) and posts events to the
-event loop; independently, a full relist every ``relist_s`` replaces the state, so a missed DELETE (vLLM
-production-stack #1091: 22 hours of routing to a dead pod) is repaired within one relist period.
+Kubernetes: :class:`~kvscale.podwatch.PodWatch` keeps the pods matching ``selector`` in ``namespace`` that are
+Ready, have a pod IP and are not terminating (its thread lists, watches for ``relist_s``, lists again, so a missed
+DELETE, vLLM production-stack #1091, is repaired within one relist period); this adapter turns them into
+:class:`BackendSpec` (role, port and model from labels and annotations) and posts them to the event loop.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from kvscale.podwatch import PodWatch, pod_host, pod_ready
 from router.backends import ROLES, BackendSpec
 
 log = logging.getLogger("kvscale.router.discovery")
@@ -50,13 +50,8 @@ def _get(obj: Any, *path: str) -> Any:
 
 
 def pod_to_spec(pod: Any, default_port: int) -> BackendSpec | None:
-    """A Ready, addressed, non-terminating pod → a BackendSpec; else None. Accepts V1Pod or a dict."""
-    if _get(pod, "metadata", "deletion_timestamp") or _get(pod, "status", "phase") not in (None, "Running"):
-        return None
-    ip = _get(pod, "status", "pod_ip")
-    conditions = _get(pod, "status", "conditions") or []
-    ready = any(_get(c, "type") == "Ready" and _get(c, "status") == "True" for c in conditions)
-    if not ip or not ready:
+    """A Ready pod (:func:`~kvscale.podwatch.pod_ready`) → a BackendSpec; else None. Accepts V1Pod or its dict."""
+    if not pod_ready(pod):
         return None
     labels = dict(_get(pod, "metadata", "labels") or {})
     annotations = _get(pod, "metadata", "annotations") or {}
@@ -67,12 +62,12 @@ def pod_to_spec(pod: Any, default_port: int) -> BackendSpec | None:
     if role not in ROLES:
         role = "both"
     models = frozenset([labels[MODEL_LABEL]]) if labels.get(MODEL_LABEL) else frozenset()
-    host = f"[{ip}]" if ":" in ip else ip
-    return BackendSpec(f"http://{host}:{port_num}", models, role, labels)
+    return BackendSpec(f"http://{pod_host(pod)}:{port_num}", models, role, labels)
 
 
 class KubernetesDiscovery:
-    """Watch pods by label selector; relist every ``relist_s`` (see the module docstring)."""
+    """Backends from the Ready pods matching ``selector`` (see the module docstring); ``relists`` counts the
+    completed lists (the first one included)."""
 
     def __init__(
         self,
@@ -81,126 +76,62 @@ class KubernetesDiscovery:
         *,
         port: int = 8000,
         relist_s: float = 30.0,
-        watch_timeout_s: int = 300,
+        retry_s: float = 1.0,
         api_client: Any = None,
+        first_list_timeout_s: float = 10.0,
     ) -> None:
         self.selector = selector
         self.namespace = namespace
         self.port = port
         self.relist_s = relist_s
-        self.watch_timeout_s = watch_timeout_s
+        self.retry_s = retry_s
+        self.first_list_timeout_s = first_list_timeout_s
         self._api_client = api_client
         self.pods: dict[str, BackendSpec] = {}  # pod name -> spec (Ready pods only); touched on the loop only
-        self.relists = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._relist_task: asyncio.Task[None] | None = None
+        self.watch: PodWatch | None = None
         self._on_update: OnUpdate | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._watch: Any = None
 
-    def _core_api(self):
-        from kubernetes import client, config
+    @property
+    def relists(self) -> int:
+        return self.watch.lists if self.watch is not None else 0
 
-        if self._api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            self._api_client = client.ApiClient()
-        return client.CoreV1Api(self._api_client)
-
-    def _list(self) -> tuple[dict[str, BackendSpec], str]:
-        api = self._core_api()
-        pods = api.list_namespaced_pod(self.namespace, label_selector=self.selector, _request_timeout=10)
-        specs = {}
-        for pod in pods.items:
-            spec = pod_to_spec(pod, self.port)
-            if spec is not None:
-                specs[pod.metadata.name] = spec
-        return specs, pods.metadata.resource_version or ""
+    @property
+    def last_error(self) -> str | None:
+        return self.watch.last_error if self.watch is not None else None
 
     def _publish(self) -> None:
         if self._on_update is not None:
             self._on_update(list(self.pods.values()))
 
-    def _apply_list(self, specs: dict[str, BackendSpec]) -> None:
+    def _apply(self, specs: dict[str, BackendSpec]) -> None:
+        """On the loop: the complete Ready set, from the watch thread."""
         if specs != self.pods:
-            gone = sorted(set(self.pods) - set(specs))
-            if gone:
-                log.info("relist removed pods %s (missed events?)", gone)
             self.pods = specs
             self._publish()
 
-    def _apply_event(self, kind: str, name: str, spec: BackendSpec | None) -> None:
-        if kind == "DELETED" or spec is None:
-            if self.pods.pop(name, None) is not None:
-                self._publish()
-        elif self.pods.get(name) != spec:
-            self.pods[name] = spec
-            self._publish()
-
-    async def relist(self) -> None:
-        specs, _ = await asyncio.to_thread(self._list)
-        self.relists += 1
-        self._apply_list(specs)
+    def _changed(self, pods: dict[str, Any]) -> None:
+        """In the watch thread: post the new backend set to the loop."""
+        specs = {name: spec for name, pod in pods.items() if (spec := pod_to_spec(pod, self.port)) is not None}
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile (shutdown)
+                loop.call_soon_threadsafe(self._apply, specs)
 
     async def start(self, on_update: OnUpdate) -> None:
         self._on_update = on_update
         self._loop = asyncio.get_running_loop()
-        try:
-            await self.relist()
-        except Exception as exc:  # the API may be briefly unreachable: keep going, the loops retry
-            log.warning("initial pod list failed: %s", exc)
-        self._thread = threading.Thread(target=self._watch_thread, name="router-k8s-watch", daemon=True)
-        self._thread.start()
-        self._relist_task = asyncio.create_task(self._relist_loop(), name="router-k8s-relist")
-
-    async def _relist_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.relist_s)
-            try:
-                await self.relist()
-            except Exception as exc:
-                log.warning("pod relist failed: %s", exc)
-
-    def _watch_thread(self) -> None:
-        from kubernetes import watch
-
-        assert self._loop is not None
-        while not self._stop.is_set():
-            try:
-                api = self._core_api()
-                _, rv = self._list()
-                self._watch = w = watch.Watch()
-                for ev in w.stream(
-                    api.list_namespaced_pod,
-                    self.namespace,
-                    label_selector=self.selector,
-                    resource_version=rv,
-                    timeout_seconds=self.watch_timeout_s,
-                    _request_timeout=self.watch_timeout_s + 10,
-                ):
-                    if self._stop.is_set():
-                        break
-                    kind, pod = ev.get("type"), ev.get("object")
-                    if kind == "ERROR" or pod is None or not hasattr(pod, "metadata"):
-                        break  # e.g. 410 Gone: list again and restart from the new resourceVersion
-                    spec = None if kind == "DELETED" else pod_to_spec(pod, self.port)
-                    self._loop.call_soon_threadsafe(self._apply_event, kind, pod.metadata.name, spec)
-            except Exception as exc:
-                if self._stop.is_set():
-                    break
-                log.warning("pod watch failed (%s); retrying", exc)
-                self._stop.wait(1.0)
+        self.watch = PodWatch(
+            self.namespace, self.selector, api_client=self._api_client, relist_s=self.relist_s,
+            retry_s=self.retry_s, on_change=self._changed, name="router-k8s-watch",
+        ).start()  # fmt: skip
+        # Serve with the pods of the first list where it answers in time (else start empty: the watch retries).
+        if not await asyncio.to_thread(self.watch.wait_first_list, self.first_list_timeout_s):
+            log.warning("initial pod list failed: %s", self.watch.last_error or "timed out")
+        # (a successful first list posted its backends before waking this coroutine: they are in place now)
 
     async def stop(self) -> None:
-        self._stop.set()
-        if self._watch is not None:
-            with contextlib.suppress(Exception):
-                self._watch.stop()
-        if self._relist_task is not None:
-            self._relist_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._relist_task
-        # The watch thread is a daemon blocked at most until the server's watch timeout; do not join it.
+        self._loop = None
+        if self.watch is not None:
+            # The thread is a daemon blocked at most until the server ends the watch; do not wait for it.
+            self.watch.close(timeout=0)

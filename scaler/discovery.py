@@ -7,12 +7,10 @@ known yet" is never mistaken for "no pods".
 
 from __future__ import annotations
 
-import logging
-import threading
 from collections.abc import Callable
 from typing import Any, Protocol
 
-log = logging.getLogger("kvscale.scaler.discovery")
+from kvscale.podwatch import PodWatch, pod_host
 
 
 class PodDiscovery(Protocol):
@@ -37,24 +35,11 @@ class StaticPods:
         pass
 
 
-def pod_ready(pod: Any) -> bool:
-    """Running, Ready condition true, not being deleted, with an IP (what an Endpoints controller requires)."""
-    meta, status = pod.metadata, pod.status
-    if meta is None or status is None or meta.deletion_timestamp is not None or not status.pod_ip:
-        return False
-    if status.phase != "Running":
-        return False
-    return any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
-
-
 class KubernetesPods:
-    """Ready pods matching ``selector`` in ``namespace``, kept current by a watch thread.
-
-    The thread lists (getting a resourceVersion), then watches from it for ``relist_s`` seconds (the server
-    closes the watch at ``timeoutSeconds``), then lists again: the relist repairs anything a dropped watch
-    missed. Errors are logged, kept in ``last_error`` and retried after ``retry_s``; the last known pod set is
-    kept meanwhile (pods do not vanish because the API server is briefly unreachable).
-    """
+    """The metrics URLs of the Ready pods matching ``selector`` in ``namespace``: a thin view of the core's
+    :class:`~kvscale.podwatch.PodWatch` (list, watch for ``relist_s``, list again; readiness as an Endpoints
+    controller judges it; errors kept in ``last_error`` and retried after ``retry_s`` while the last known pods are
+    kept). ``on_change`` is called (from the watch thread) when the URL set changes."""
 
     def __init__(
         self,
@@ -68,86 +53,41 @@ class KubernetesPods:
         retry_s: float = 2.0,
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        from kubernetes import client, config
-
-        if api_client is None:
-            try:
-                config.load_incluster_config()
-            except config.ConfigException:
-                config.load_kube_config()
-            api_client = client.ApiClient()
-        self.v1 = client.CoreV1Api(api_client)
         self.namespace, self.selector, self.port, self.path = namespace, selector, port, path
-        self.relist_s, self.retry_s = relist_s, retry_s
         self.on_change = on_change
-        self.last_error: str | None = None
-        self.lists = 0  # completed lists (relists included), for tests and logs
-        self.events = 0  # watch events applied
-        self._pods: dict[str, str] | None = None  # pod name -> pod IP (ready pods only)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._watch: Any = None
-        self._thread = threading.Thread(target=self._run, name=f"kvscale-discovery-{selector}", daemon=True)
-        self._thread.start()
+        self._last_urls: list[str] | None = None
+        self.watch = PodWatch(
+            namespace, selector, api_client=api_client, relist_s=relist_s, retry_s=retry_s,
+            on_change=self._pods_changed, name=f"kvscale-discovery-{selector}",
+        ).start()  # fmt: skip
+
+    @property
+    def last_error(self) -> str | None:
+        return self.watch.last_error
+
+    @property
+    def lists(self) -> int:
+        """Completed lists (relists included), for tests and logs."""
+        return self.watch.lists
+
+    @property
+    def events(self) -> int:
+        """Watch events applied."""
+        return self.watch.events
+
+    def _urls_of(self, pods: dict[str, Any]) -> list[str]:
+        return sorted(f"http://{pod_host(p)}:{self.port}{self.path}" for p in pods.values())
 
     def urls(self) -> list[str] | None:
-        with self._lock:
-            if self._pods is None:
-                return None
-            return sorted(f"http://{ip}:{self.port}{self.path}" for ip in self._pods.values())
+        pods = self.watch.pods()
+        return None if pods is None else self._urls_of(pods)
 
-    def _apply(self, kind: str, pod: Any) -> None:
-        name = pod.metadata.name
-        with self._lock:
-            pods = dict(self._pods or {})
-            if kind != "DELETED" and pod_ready(pod):
-                pods[name] = pod.status.pod_ip
-            else:
-                pods.pop(name, None)
-            changed = pods != self._pods
-            self._pods = pods
-        if changed and self.on_change:
-            self.on_change()
-
-    def _run(self) -> None:
-        from kubernetes import watch
-
-        while not self._stop.is_set():
-            try:
-                listed = self.v1.list_namespaced_pod(
-                    self.namespace, label_selector=self.selector, _request_timeout=10
-                )
-                pods = {p.metadata.name: p.status.pod_ip for p in listed.items if pod_ready(p)}
-                with self._lock:
-                    changed = pods != self._pods
-                    self._pods = pods
-                self.lists += 1
-                self.last_error = None
-                if changed and self.on_change:
-                    self.on_change()
-                self._watch = watch.Watch()
-                for event in self._watch.stream(
-                    self.v1.list_namespaced_pod,
-                    self.namespace,
-                    label_selector=self.selector,
-                    resource_version=listed.metadata.resource_version,
-                    timeout_seconds=max(1, int(self.relist_s)),
-                    _request_timeout=self.relist_s + 10,
-                ):
-                    if self._stop.is_set():
-                        break
-                    if event["type"] in ("ADDED", "MODIFIED", "DELETED"):
-                        self._apply(event["type"], event["object"])
-                        self.events += 1
-            except Exception as e:  # API errors, timeouts, decode errors: keep the last pod set, retry
-                if self._stop.is_set():
-                    break
-                self.last_error = f"{type(e).__name__}: {e}"
-                log.warning("pod discovery %s/%s: %s", self.namespace, self.selector, self.last_error)
-                self._stop.wait(self.retry_s)
+    def _pods_changed(self, pods: dict[str, Any]) -> None:
+        urls = self._urls_of(pods)
+        if urls != self._last_urls:
+            self._last_urls = urls
+            if self.on_change is not None:
+                self.on_change()
 
     def close(self) -> None:
-        self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()
-        self._thread.join(timeout=0.5)
+        self.watch.close()

@@ -5,7 +5,7 @@ Where they come from (the "metrics adapter"):
 * :class:`PodHistory` turns per-pod :class:`~kvscale.engine_stats.EngineStats` snapshots into pool signals with
   :func:`~kvscale.engine_stats.window`: rates over the last interval, latency percentiles and mean ISL/OSL over the
   longer latency window, gauges as of the last read. Both the live pod scraper (:class:`PodScrapeSource`) and the
-  virtual-clock evaluator (``scaler.evaluate.VirtualSource``) feed it, so the policy sees the same quantities
+  virtual-clock evaluator (``scaler.evaluate.signals.VirtualSource``) feed it, so the policy sees the same quantities
   computed the same way in production and in the evaluation.
 * :class:`PrometheusSource` asks a real Prometheus for the same quantities (``rate()`` of the counters, summed
   histogram buckets, sums of gauges) and returns the same shape.
@@ -40,6 +40,7 @@ from kvscale.engine_stats import (
     parse_metrics,
     window,
 )
+from kvscale.engines import ADAPTERS, VLLM, EngineAdapter, promql
 from scaler.discovery import PodDiscovery
 from scaler.metadata import ScalerSettings
 
@@ -260,9 +261,12 @@ class PodScrapeSource:
 class PrometheusSource:
     """Prometheus mode: the same quantities from PromQL over ``latencyWindowSeconds``.
 
-    Rates use ``rate()`` of vLLM's counters; latency percentiles use the summed bucket increases, turned into a
-    :class:`HistogramSnapshot` so the quantile is computed exactly as in pods mode. Any failed query, or no
-    ``vllm:num_requests_running`` series (every target down: Prometheus marks its series stale), is a
+    The queries are built from the engine's adapter (:mod:`kvscale.engines`): ``rate()`` of its counters, the
+    summed bucket increases of its latency histograms (turned into a :class:`HistogramSnapshot` so the quantile is
+    computed exactly as in pods mode), sums of its gauges. The engine is found on the first read, by which
+    running-requests series the pool's selector has (``count(vllm:num_requests_running{...})``,
+    ``count(sglang:num_running_reqs{...})``), and kept until a read finds no series. Any failed query, or no
+    running-requests series of any engine (every target down: Prometheus marks its series stale), is a
     :class:`SignalError`.
     """
 
@@ -282,52 +286,81 @@ class PrometheusSource:
             matchers.append(settings.prometheus_selector)
         self.selector = "{" + ",".join(matchers) + "}"
         self.window = f"{max(2, round(settings.latency_window_s))}s"
+        self.engine: EngineAdapter | None = None  # detected on the first read; None again after a read without series
 
-    def queries(self) -> dict[str, str]:
+    def queries(self, engine: EngineAdapter | str | None = None) -> dict[str, str]:
+        """The PromQL of one read for ``engine`` (default: the detected one, else vLLM)."""
+        a = ADAPTERS[engine] if isinstance(engine, str) else engine or self.engine or VLLM
         s, w = self.selector, self.window
 
-        def rate(name: str) -> str:
-            return f"sum(rate({name}{s}[{w}]))"
+        def rate(key: str, part: str = "") -> str:
+            return f"sum({promql(a[key], s, fn='rate', window=w, part=part)})"
 
-        return {
-            "replicas": f"count(vllm:num_requests_running{s})",
-            "running": f"sum(vllm:num_requests_running{s})",
-            "waiting": f"sum(vllm:num_requests_waiting{s})",
-            "kv_usage": f"avg(vllm:kv_cache_usage_perc{s})",
-            "kv_usage_max": f"max(vllm:kv_cache_usage_perc{s})",
-            "finish_rate": rate("vllm:request_success_total"),
-            "in_system_deriv": f"sum(deriv(vllm:num_requests_running{s}[{w}]))"
-            f" + sum(deriv(vllm:num_requests_waiting{s}[{w}]))",
-            "prompt_tokens_per_s": rate("vllm:prompt_tokens_total"),
-            "generation_tokens_per_s": rate("vllm:generation_tokens_total"),
-            "isl_sum": rate("vllm:request_prompt_tokens_sum"),
-            "isl_count": rate("vllm:request_prompt_tokens_count"),
-            "osl_sum": rate("vllm:request_generation_tokens_sum"),
-            "prefix_hits": rate("vllm:prefix_cache_hits_total"),
-            "prefix_queries": rate("vllm:prefix_cache_queries_total"),
-            "ttft_buckets": f"sum by (le) (increase(vllm:time_to_first_token_seconds_bucket{s}[{w}]))",
-            "itl_buckets": f"sum by (le) (increase(vllm:inter_token_latency_seconds_bucket{s}[{w}]))",
+        running, waiting, kv = a["running"], a["waiting"], a["kv_usage"]
+        out = {
+            "replicas": f"count({promql(running, s)})",
+            "running": f"sum({promql(running, s)})",
+            "waiting": f"sum({promql(waiting, s)})",
+            "kv_usage": f"avg({promql(kv, s)})",
+            "kv_usage_max": f"max({promql(kv, s)})",
+            "finish_rate": rate("requests_finished_total"),
+            "in_system_deriv": f"sum({promql(running, s, fn='deriv', window=w)})"
+            f" + sum({promql(waiting, s, fn='deriv', window=w)})",
+            "prompt_tokens_per_s": rate("prompt_tokens_total"),
+            "generation_tokens_per_s": rate("generation_tokens_total"),
         }
-
-    def _query_all(self) -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        for key, q in self.queries().items():
-            try:
-                params = {"timeout": f"{round(self.timeout_s * 1000)}ms"}  # Prometheus durations: no "3.0s"
-                out[key] = self.prom.custom_query(q, params=params, timeout=self.timeout_s)
-            except Exception as e:  # the client raises requests/ValueError/PrometheusApiClientException
-                raise SignalError(f"prometheus {self.settings.prometheus_url}: query {key} failed: {e}") from e
+        if a.get("prompt_len") and a.get("output_len"):
+            out["isl_sum"] = rate("prompt_len", "_sum")
+            out["isl_count"] = rate("prompt_len", "_count")
+            out["osl_sum"] = rate("output_len", "_sum")
+        if a.get("prefix_hits_total") and a.get("prefix_queries_total"):
+            out["prefix_hits"] = rate("prefix_hits_total")
+            out["prefix_queries"] = rate("prefix_queries_total")
+        if q := a.get("prefix_hit_rate_gauge"):  # a point-in-time gauge: its mean over the window
+            out["prefix_hit_rate_gauge"] = f"avg({promql(q, s, fn='avg_over_time', window=w)})"
+        out["ttft_buckets"] = f"sum by (le) ({promql(a['ttft'], s, fn='increase', window=w, part='_bucket')})"
+        out["itl_buckets"] = f"sum by (le) ({promql(a['itl'], s, fn='increase', window=w, part='_bucket')})"
         return out
 
+    def _query(self, key: str, q: str) -> list[dict]:
+        try:
+            params = {"timeout": f"{round(self.timeout_s * 1000)}ms"}  # Prometheus durations: no "3.0s"
+            return self.prom.custom_query(q, params=params, timeout=self.timeout_s)
+        except Exception as e:  # the client raises requests/ValueError/PrometheusApiClientException
+            raise SignalError(f"prometheus {self.settings.prometheus_url}: query {key} failed: {e}") from e
+
+    def _detect(self) -> EngineAdapter:
+        """The engine whose running-requests series the pool's selector finds (the first in table order)."""
+        for a in ADAPTERS.values():
+            if self._query(f"{a.engine} detection", f"count({promql(a.running, self.selector)})"):
+                return a
+        names = " or ".join(s.sample for a in ADAPTERS.values() for s in a.running.series)
+        raise SignalError(f"prometheus: no engine series for this pool (no {names} series for {self.selector})")
+
+    def _query_all(self) -> tuple[EngineAdapter, dict[str, list[dict]]]:
+        engine = self.engine or self._detect()
+        self.engine = engine
+        answers: dict[str, list[dict]] = {}  # by PromQL: SGLang's prompt tokens are two quantities, one query
+        out = {}
+        for key, q in self.queries(engine).items():
+            if q not in answers:
+                answers[q] = self._query(key, q)
+            out[key] = answers[q]
+        return engine, out
+
     async def read(self) -> PoolSignals:
-        res = await asyncio.to_thread(self._query_all)
+        engine, res = await asyncio.to_thread(self._query_all)
         at = self.clock()
+        # counters whose series appear only with the first finished request (SGLang's): no series is zero
+        of = {"finish_rate": "requests_finished_total", "prompt_tokens_per_s": "prompt_tokens_total",
+              "generation_tokens_per_s": "generation_tokens_total"}  # fmt: skip
+        zero_if_absent = {key for key, quantity in of.items() if engine[quantity].lazy}
 
         def scalar(key: str, required: bool = True) -> float | None:
             vec = res.get(key) or []
             if not vec:
-                if required:
-                    raise SignalError(f"prometheus: no series for {key} ({self.queries()[key]}): targets down?")
+                if required and key not in zero_if_absent:
+                    raise SignalError(f"prometheus: no series for {key} ({self.queries(engine)[key]}): targets down?")
                 return None
             v = float(vec[0]["value"][1])
             return v if math.isfinite(v) else None
@@ -338,22 +371,37 @@ class PrometheusSource:
                 return HistogramSnapshot()
             return HistogramSnapshot(tuple(per_le), 0.0, per_le[-1][1])
 
-        replicas = int(scalar("replicas") or 0)
+        replicas = int(scalar("replicas", False) or 0)
         if replicas <= 0:
-            raise SignalError("prometheus: no engine series for this pool")
+            self.engine = None  # the pods may have been replaced by another engine's: detect again
+            raise SignalError(f"prometheus: no {engine.engine} engine series for this pool")
         finish = scalar("finish_rate") or 0.0
-        isl_count = scalar("isl_count", False) or 0.0
+        prompt_tps = scalar("prompt_tokens_per_s") or 0.0
+        generation_tps = scalar("generation_tokens_per_s") or 0.0
+        if res.get("isl_count"):  # the request-length histograms
+            isl_count = scalar("isl_count", False) or 0.0
+            mean_isl = (scalar("isl_sum", False) or 0.0) / isl_count if isl_count > 0 else None
+            mean_osl = (scalar("osl_sum", False) or 0.0) / isl_count if isl_count > 0 else None
+        else:  # none exported (SGLang by default): tokens over the requests finished in the window
+            mean_isl = prompt_tps / finish if finish > 0 else None
+            mean_osl = generation_tps / finish if finish > 0 else None
         queries = scalar("prefix_queries", False) or 0.0
+        hits = scalar("prefix_hits", False)
+        gauge_hit = scalar("prefix_hit_rate_gauge", False) if hits is None else None
+        if gauge_hit is not None:  # no hits counter (or none yet): the engine's hit-rate gauge
+            prefix_hit_rate: float | None = gauge_hit
+        else:
+            prefix_hit_rate = (hits or 0.0) / queries if queries > 0 else None
         return PoolSignals(
             at=at,
             replicas=replicas,
             arrival_rate=max(0.0, finish + (scalar("in_system_deriv", False) or 0.0)),
             finish_rate=finish,
-            prompt_tokens_per_s=scalar("prompt_tokens_per_s") or 0.0,
-            generation_tokens_per_s=scalar("generation_tokens_per_s") or 0.0,
-            mean_isl=(scalar("isl_sum", False) or 0.0) / isl_count if isl_count > 0 else None,
-            mean_osl=(scalar("osl_sum", False) or 0.0) / isl_count if isl_count > 0 else None,
-            prefix_hit_rate=(scalar("prefix_hits", False) or 0.0) / queries if queries > 0 else None,
+            prompt_tokens_per_s=prompt_tps,
+            generation_tokens_per_s=generation_tps,
+            mean_isl=mean_isl,
+            mean_osl=mean_osl,
+            prefix_hit_rate=prefix_hit_rate,
             running=scalar("running") or 0.0,
             waiting=scalar("waiting") or 0.0,
             kv_usage=scalar("kv_usage") or 0.0,

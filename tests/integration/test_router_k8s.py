@@ -137,8 +137,7 @@ async def test_watch_and_relist_against_fake_api_server():
         api.put("other", _port(s3.url), labels={"app": "something-else"})  # not selected
         cfg = k8s.Configuration()
         cfg.host = api_url
-        discovery = KubernetesDiscovery("app=vllm", "ns", relist_s=2.0, watch_timeout_s=5,
-                                        api_client=k8s.ApiClient(cfg))  # fmt: skip
+        discovery = KubernetesDiscovery("app=vllm", "ns", relist_s=2.0, api_client=k8s.ApiClient(cfg))
         async with serve_router(discovery=discovery, health_interval_s=0.2) as r:
             pool = r.state.pool
             urls = lambda: {b.url for b in pool}  # noqa: E731

@@ -42,6 +42,13 @@ class FakeApiServer:
             for q in self.watchers:
                 q.put_nowait({"type": kind, "object": pod})
 
+    def expire_watches(self) -> None:
+        """What an API server sends a watch whose resourceVersion is too old (then it ends the watch)."""
+        status = {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410,
+                  "message": "too old resource version"}  # fmt: skip
+        for q in self.watchers:
+            q.put_nowait({"type": "ERROR", "object": status})
+
     def delete(self, name: str) -> None:
         self.rv += 1
         pod = self.pods.pop(name)
@@ -73,8 +80,10 @@ class FakeApiServer:
                     ev = await asyncio.wait_for(q.get(), left)
                 except TimeoutError:
                     break
-                if self.matches(ev["object"], ns, sel):
+                if ev["type"] == "ERROR" or self.matches(ev["object"], ns, sel):
                     await resp.write((json.dumps(ev) + "\n").encode())
+                if ev["type"] == "ERROR":  # the API server ends a watch after its ERROR event
+                    break
         finally:
             self.watchers.remove(q)
         return resp
@@ -124,6 +133,39 @@ async def test_list_watch_relist_and_api_outage():
         await runner.cleanup()
         await wait_for(lambda: disc.last_error is not None, timeout=10)
         assert disc.urls() == [f"http://10.0.0.{i}:8000/metrics" for i in (3, 4)]
+    finally:
+        disc.close()
+        await runner.cleanup()
+
+
+async def test_an_expired_watch_relists_at_once_and_terminating_pods_leave():
+    """410 Gone on the watch: list again at once (not after relist_s, not counted as an error); a pod with a
+    deletionTimestamp is no target even while its Ready condition is still True (as for an Endpoints controller)."""
+    api = FakeApiServer()
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sel = {"app": "vllm"}
+    api.put(api.pod("a", "10.0.0.1", sel))
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    disc = KubernetesPods("llm", "app=vllm", 8000, api_client=client.ApiClient(cfg), relist_s=8, retry_s=5)
+    try:
+        await wait_for(lambda: disc.urls() == ["http://10.0.0.1:8000/metrics"] and len(api.watchers) == 1)
+        lists = disc.lists
+        api.put(api.pod("b", "10.0.0.2", sel), notify=False)  # only a list can see it
+        api.expire_watches()
+        await wait_for(lambda: disc.lists > lists, timeout=3)
+        assert disc.urls() == ["http://10.0.0.1:8000/metrics", "http://10.0.0.2:8000/metrics"]
+        assert disc.last_error is None
+        await wait_for(lambda: len(api.watchers) == 1, timeout=3)  # watching again from the new list
+        terminating = api.pod("a", "10.0.0.1", sel)
+        terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        api.put(terminating)
+        await wait_for(lambda: disc.urls() == ["http://10.0.0.2:8000/metrics"], timeout=3)
     finally:
         disc.close()
         await runner.cleanup()
