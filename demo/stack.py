@@ -173,7 +173,8 @@ def _router_main(argv: list[str]) -> int:
 
 
 def _scaler_main(argv: list[str]) -> int:
-    from scaler.service import ScalerApp, ScalerService
+    from scaler.app import ScalerApp
+    from scaler.service import ScalerService
 
     p = argparse.ArgumentParser(prog="demo.stack scaler")
     p.add_argument("--pods-file", required=True, type=Path)

@@ -20,7 +20,7 @@ _PARTS = {
     "demo": "demo.main",
     "profile": "predictor.cli",
     "scaler": "scaler.cli",
-    "eval": "scaler.cli",
+    "eval": "scaler.evaluate.cli",
     "router": "router.cli",
     "bench": "bench.cli",
 }

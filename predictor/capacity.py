@@ -1,35 +1,28 @@
-"""How much load one replica sustains under a latency SLO — the number the scaler divides demand by.
+"""How much load one replica sustains under a latency SLO — the number the scaler divides demand by (analytic).
 
 Two ways, cross-checked against each other (``kvscale profile capacity`` prints both):
 
-* **simulate** (authoritative, slow: seconds): bisection on the Poisson arrival rate, each probe a run of the
-  virtual-clock simulator (the same engine core as everywhere) with one replica driven by the latency model;
-  the rate is sustainable when the SLO percentile of TTFT (prefill, aggregated) and ITL (decode, aggregated) holds.
-* **analytic** (instant): closed forms from the step-time model —
+* **analytic** (instant; this module, which needs only the latency model): closed forms from the step-time
+  model —
   prefill: an M/D/1 queue of prefills (Poisson arrivals, deterministic service = the prefill step time), whose
   waiting-time tail is approximated as ``P(W > t) = rho * exp(-t / m)`` with ``m = S / (2 (1 - rho))`` (exact mean,
   exponential tail: the heavy-traffic form of the M/G/1 wait); decode: the largest batch whose step meets the ITL
   target at the given context (Dynamo's planner rule), capped by the KV cache; aggregated: a fixed point where one
   step carries the decode batch plus the prefill work arriving meanwhile.
+* **simulate** (authoritative, slow: seconds; :mod:`predictor.capacity_sim`): bisection on the Poisson arrival
+  rate, each probe a run of the virtual-clock simulator with one replica driven by the latency model.
 
-The scaler calls the analytic functions on live signals and may use :class:`CapacityCache` for simulated
-results; nothing here is meant to run on a request path except the analytic functions (microseconds).
+The scaler calls the analytic functions on live signals, through :class:`CapacityView` (memoized on quantized
+inputs, microseconds); this module imports nothing from the simulator, so the serving scaler does not either.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-
-import numpy as np
+from dataclasses import dataclass
 
 from kvscale.latency import LatencyModel
-from simulator.engine import EngineConfig
-from simulator.scheduler import SchedulerConfig
-from simulator.workload import WORKLOADS, TraceRequest, WorkloadSpec, build_trace
 
 ROLES = ("prefill", "decode", "aggregated")
 
@@ -64,20 +57,11 @@ class DecodeCapacity:
 
 @dataclass(frozen=True)
 class WorkloadShape:
-    """Means of a workload that the analytic forms need."""
+    """Means of a workload that the analytic forms need (of a named workload: ``capacity_sim.workload_shape``)."""
 
     mean_isl: float
     mean_osl: float
     cached_fraction: float = 0.0  # of prompt tokens served from the prefix cache
-
-    @classmethod
-    def of(cls, workload: str | WorkloadSpec, samples: int = 20000, seed: int = 0) -> WorkloadShape:
-        spec = WORKLOADS[workload] if isinstance(workload, str) else workload
-        isl, osl = spec.sample(samples, np.random.default_rng(seed))
-        mean_isl = float(isl.mean())
-        # Shared prefixes: each tenant's system prompt is computed once and then hit (steady state).
-        cached = (spec.prefix_len // 16 * 16) / mean_isl if spec.shared_prefix else 0.0
-        return cls(mean_isl, float(osl.mean()), min(cached, 0.99))
 
 
 def _check_fraction(cached_fraction: float) -> None:
@@ -225,199 +209,37 @@ def analytic_capacity_rps(model: LatencyModel, slo: SLO, shape: WorkloadShape, r
     raise ValueError(f"role must be one of {ROLES}, got {role!r}")
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Simulated capacity
+def _q(x: float, step: float = 0.02) -> float:
+    """Quantize a positive size to ~2% log buckets so capacity lookups hit the cache."""
+    if x <= 0:
+        return 0.0
+    return round(math.exp(round(math.log(x) / step) * step), 6)
 
 
-@dataclass(frozen=True)
-class Probe:
-    rate_rps: float
-    ttft_s: float  # at the SLO percentile
-    itl_s: float
-    completed: float  # fraction of the trace finished by the end of the run
-    ok: bool
+class CapacityView:
+    """Per-replica capacity in the pool's demand unit, memoized on quantized inputs (analytic, microseconds)."""
 
-
-@dataclass(frozen=True)
-class CapacityResult:
-    role: str
-    workload: str
-    slo: SLO
-    method: str  # "simulate" | "analytic"
-    rate_rps: float  # the answer: max sustainable requests/s per replica
-    analytic_rps: float  # the closed-form estimate, for the cross-check
-    mean_isl: float
-    mean_osl: float
-    cached_fraction: float
-    prefill_tokens_per_s: float  # rate_rps x uncached ISL
-    decode_tokens_per_s: float  # rate_rps x OSL
-    probes: tuple[Probe, ...] = field(default_factory=tuple)
-
-    def as_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["slo"] = dataclasses.asdict(self.slo)
-        return d
-
-
-def _engine_config(model: LatencyModel, max_num_seqs: int, max_model_len: int = 8192) -> EngineConfig:
-    return EngineConfig(
-        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_model_len=max_model_len),
-        block_size=model.block_size(),
-        num_gpu_blocks=model.num_gpu_blocks(),
-        materialize_outputs=False,
-    )
-
-
-def _probe(
-    model: LatencyModel,
-    slo: SLO,
-    workload: WorkloadSpec,
-    role: str,
-    rate: float,
-    duration_s: float,
-    seed: int,
-    max_num_seqs: int,
-) -> Probe:
-    from simulator.cluster import Cluster  # heavy-ish import kept off the analytic path
-
-    trace = build_trace("poisson", workload, rate, duration_s, seed=seed)
-    if role == "prefill":  # a prefill pod answers max_tokens=1
-        trace = [TraceRequest(t.arrival_s, t.prompt_tokens, t.input_len, 1, t.prefix_group) for t in trace]
-    pools = {"prefill": 64, "decode": 1} if role == "decode" else {"aggregated": 1}
-    config = _engine_config(model, max_num_seqs, workload.max_input_len + workload.max_output_len)
-    cluster = Cluster(model, config, replicas=pools)
-    # Run a grace period past the last arrival: an overloaded replica leaves requests unfinished.
-    result = cluster.run(trace, until_s=duration_s * 1.25 + 5.0)
-    recs = result.records[len(result.records) // 10 :]  # warm-up excluded
-    ttft = np.array([r.ttft_s for r in recs], dtype=np.float64)
-    done = ~np.isnan(np.array([r.e2e_s for r in recs], dtype=np.float64))
-    completed = float(done.mean()) if recs else 0.0
-    # Unfinished requests count as infinitely late, so a backlog cannot hide behind the percentile.
-    ttft_p = float(np.percentile(np.nan_to_num(ttft, nan=1e9), slo.percentile)) if recs else math.inf
-    itl_p = result.itl.quantile(slo.q) if result.itl.total else 0.0
-    if role == "prefill":
-        ok = ttft_p <= slo.ttft_s
-    elif role == "decode":
-        ok = itl_p <= slo.itl_s and completed >= slo.q
-    else:
-        ok = ttft_p <= slo.ttft_s and itl_p <= slo.itl_s
-    return Probe(rate, ttft_p, itl_p, completed, ok)
-
-
-def capacity(
-    model: LatencyModel,
-    slo: SLO,
-    workload: str | WorkloadSpec,
-    role: str = "aggregated",
-    method: str = "simulate",
-    *,
-    min_requests: int = 1500,
-    max_duration_s: float = 600.0,
-    rel_tol: float = 0.03,
-    seed: int = 0,
-    max_num_seqs: int = 256,
-) -> CapacityResult:
-    """Maximum Poisson request rate one ``role`` replica sustains under ``slo`` on ``workload``.
-
-    ``simulate`` brackets the rate around the analytic estimate, then bisects until the bracket is within
-    ``rel_tol``; each probe simulates enough arrivals (``min_requests``) for a stable percentile.
-    """
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-    if method not in ("simulate", "analytic"):
-        raise ValueError(f"method must be simulate or analytic, got {method!r}")
-    spec = WORKLOADS[workload] if isinstance(workload, str) else workload
-    shape = WorkloadShape.of(spec)
-    analytic = analytic_capacity_rps(model, slo, shape, role)
-    probes: list[Probe] = []
-
-    def run(rate: float) -> bool:
-        duration = min(max_duration_s, max(60.0, min_requests / rate))
-        p = _probe(model, slo, spec, role, rate, duration, seed, max_num_seqs)
-        probes.append(p)
-        return p.ok
-
-    rate = analytic
-    if method == "simulate":
-        lo, hi = 0.0, 0.0
-        guess = analytic if analytic > 0 else 0.1
-        if run(guess):
-            lo, hi = guess, guess * 1.5
-            while run(hi):
-                lo, hi = hi, hi * 1.5
-                if hi > 1e5:
-                    break
-        else:
-            hi, lo = guess, guess / 1.5
-            while lo > 1e-3 and not run(lo):
-                hi, lo = lo, lo / 1.5
-            if lo <= 1e-3:
-                lo = 0.0
-        while lo > 0 and (hi - lo) / lo > rel_tol:
-            mid = (lo + hi) / 2.0
-            if run(mid):
-                lo = mid
-            else:
-                hi = mid
-        rate = lo
-    new = max(1.0, shape.mean_isl * (1.0 - shape.cached_fraction))
-    return CapacityResult(
-        role=role,
-        workload=spec.name,
-        slo=slo,
-        method=method,
-        rate_rps=rate,
-        analytic_rps=analytic,
-        mean_isl=shape.mean_isl,
-        mean_osl=shape.mean_osl,
-        cached_fraction=shape.cached_fraction,
-        prefill_tokens_per_s=rate * new,
-        decode_tokens_per_s=rate * shape.mean_osl,
-        probes=tuple(sorted(probes, key=lambda p: p.rate_rps)),
-    )
-
-
-def model_fingerprint(model: LatencyModel) -> tuple:
-    """What identifies a latency model for caching (name alone is not enough: refits keep names)."""
-    return (model.name, dataclasses.astuple(model.coefficients), model.num_gpu_blocks())
-
-
-class CapacityCache:
-    """A bounded memo of :func:`capacity` results, so callers compute each (model, SLO, workload, role) once.
-
-    The scaler fills it off the request path (at registration or in a background task) and reads it with
-    :meth:`peek`, which never computes.
-    """
-
-    def __init__(self, max_entries: int = 256, compute: Callable[..., CapacityResult] = capacity) -> None:
-        self._entries: OrderedDict[tuple, CapacityResult] = OrderedDict()
+    def __init__(self, model: LatencyModel, slo: SLO, max_num_seqs: int, max_entries: int = 4096) -> None:
+        self.model, self.slo, self.max_num_seqs = model, slo, max_num_seqs
+        self._cache: dict[tuple, float] = {}
         self._max = max_entries
-        self._compute = compute
-        self.hits = 0
-        self.misses = 0
 
-    @staticmethod
-    def key(model: LatencyModel, slo: SLO, workload: str, role: str, method: str) -> tuple:
-        return (model_fingerprint(model), slo, workload, role, method)
+    def per_replica(self, pool: str, isl: float, osl: float, cached: float) -> float:
+        key = (pool, _q(isl), _q(osl), round(min(max(cached, 0.0), 0.98), 2))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        _, qi, qo, qc = key
+        if pool == "prefill":
+            v = prefill_capacity_tokens_per_s(self.model, self.slo, qi, qc)
+        elif pool == "decode":
+            v = decode_capacity(self.model, self.slo, qi + qo / 2.0, self.max_num_seqs).tokens_per_s
+        else:
+            v = aggregated_capacity_rps(self.model, self.slo, qi, qo, qc, self.max_num_seqs)
+        if len(self._cache) >= self._max:
+            self._cache.clear()
+        self._cache[key] = v
+        return v
 
-    def peek(self, model: LatencyModel, slo: SLO, workload: str, role: str, method: str = "simulate"):
-        """The cached result or None (never computes)."""
-        return self._entries.get(self.key(model, slo, workload, role, method))
-
-    def get(
-        self, model: LatencyModel, slo: SLO, workload: str, role: str, method: str = "simulate", **kw
-    ) -> CapacityResult:
-        k = self.key(model, slo, workload, role, method)
-        if k in self._entries:
-            self.hits += 1
-            self._entries.move_to_end(k)
-            return self._entries[k]
-        self.misses += 1
-        result = self._compute(model, slo, workload, role, method, **kw)
-        self._entries[k] = result
-        if len(self._entries) > self._max:
-            self._entries.popitem(last=False)
-        return result
-
-    def __len__(self) -> int:
-        return len(self._entries)
+    def decode_batch(self, isl: float, osl: float) -> int:
+        return decode_capacity(self.model, self.slo, _q(isl) + _q(osl) / 2.0, self.max_num_seqs).batch

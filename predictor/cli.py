@@ -8,24 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from predictor.cli_common import number_list, progress_bar
 
-def _positive_list(convert, noun: str):
-    """An argparse type for comma-separated positive values (``convert``: int or float)."""
-
-    def parse(text: str) -> tuple:
-        try:
-            values = tuple(convert(x) for x in text.split(",") if x.strip())
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {noun}, got {text!r}") from e
-        if not values or any(v <= 0 for v in values):
-            raise argparse.ArgumentTypeError(f"expected positive {noun}, got {text!r}")
-        return values
-
-    return parse
-
-
-_ints = _positive_list(int, "integers")
-_floats = _positive_list(float, "numbers")
+_ints = number_list(int, "integers")
+_floats = number_list(float, "numbers")
 
 
 def _positive_int(text: str) -> int:
@@ -77,7 +63,6 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def run_main(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from predictor.profiler import SWEEPS, ProfileConfig, ProfileError, run_profile
 
@@ -96,23 +81,15 @@ def run_main(args: argparse.Namespace) -> int:
         token_range=args.token_range, max_model_len=args.max_model_len, timeout_s=args.timeout,
         warmup_requests=args.warmup_requests,
     )  # fmt: skip
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TimeRemainingColumn(), console=console) as progress:  # fmt: skip
-        task = progress.add_task("profiling", total=None)
-
-        def on_progress(done: int, total: int, point: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"profiling {point}".strip())
-
-        try:
+    try:
+        with progress_bar(console, "profiling", "profiling") as on_progress:
             summary = run_profile(cfg, on_progress)
-        except ProfileError as e:
-            progress.stop()
-            console.print(f"[red]kvscale profile run: {e}[/red]")
-            return 1
-        except KeyboardInterrupt:
-            progress.stop()
-            console.print(f"interrupted; measured points are kept in {cfg.out} (re-run to resume)")
-            return 130
+    except ProfileError as e:
+        console.print(f"[red]kvscale profile run: {e}[/red]")
+        return 1
+    except KeyboardInterrupt:
+        console.print(f"interrupted; measured points are kept in {cfg.out} (re-run to resume)")
+        return 130
     console.print(
         f"measured {len(summary.measured)} points in {summary.wall_s:.1f} s, skipped {len(summary.skipped)} "
         f"already measured; profile in {cfg.out}"
@@ -176,7 +153,8 @@ def capacity_main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from kvscale.latency import LatencyModelError, load_latency_model
-    from predictor.capacity import SLO, capacity
+    from predictor.capacity import SLO
+    from predictor.capacity_sim import capacity
     from simulator.workload import WORKLOADS, load_trace
 
     try:

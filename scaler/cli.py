@@ -1,4 +1,4 @@
-"""`kvscale scaler serve` and `kvscale eval scaling` (registered by kvscale.cli)."""
+"""`kvscale scaler serve` (registered by kvscale.cli; `kvscale eval scaling` is scaler.evaluate.cli's)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,8 @@ def _non_negative_int(text: str) -> int:
 def serve_main(args: argparse.Namespace) -> int:
     import asyncio
 
-    from scaler.service import ScalerApp, ScalerService, ServeOptions, TLSFiles
+    from scaler.app import ScalerApp, TLSFiles
+    from scaler.service import ScalerService, ServeOptions
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tls = None
@@ -64,14 +65,8 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def eval_main(args: argparse.Namespace) -> int:
-    from scaler.evaluate import run_cli
-
-    return run_cli(args)
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``kvscale scaler serve`` and ``kvscale eval scaling``."""
+    """Add ``kvscale scaler serve``."""
     scaler = sub.add_parser("scaler", help="the KEDA external scaler")
     ssub = scaler.add_subparsers(dest="scaler_command", required=True)
     serve = ssub.add_parser("serve", help="serve KEDA's ExternalScaler gRPC API and /metrics",
@@ -93,11 +88,3 @@ def register(sub: argparse._SubParsersAction) -> None:
     serve.add_argument("--grace", type=float, default=5.0, help="graceful-shutdown time for in-flight RPCs (s)")
     serve.add_argument("--log-level", default=_env("LOG_LEVEL", "info"))
     serve.set_defaults(func=serve_main)
-
-    ev = sub.add_parser("eval", help="evaluations on the virtual-clock simulator")
-    esub = ev.add_subparsers(dest="eval_command", required=True)
-    scaling = esub.add_parser("scaling", help="replay a trace under KEDA+HPA with kvscale and baseline policies")
-    from scaler.evaluate import add_eval_args  # light: no simulator import at module level
-
-    add_eval_args(scaling)
-    scaling.set_defaults(func=eval_main)

@@ -5,57 +5,34 @@ verbatim); each is parsed and range-checked here, and a bad or missing key raise
 the key and the reason (the gRPC service answers ``INVALID_ARGUMENT`` with that message). Unknown keys are
 rejected too, so a typo (``ttftSLOms``) is an error instead of a silently ignored setting.
 
-``docs/scaler.md`` documents every key; :data:`KEYS` is the single list both the parser and the docs test use.
+Each key is declared once, on its :class:`ScalerSettings` field (as KEDA's ``TypedConfig`` declares a scaler's
+keys in struct tags): :func:`key` gives the field its metadata name, kind (:data:`KINDS`), default as KEDA would
+pass it (the field's default is that text, parsed), bounds, unit and one-line doc. :data:`METADATA_KEYS` is that
+table read off the dataclass, in docs order; :func:`parse_scaler_metadata` parses every key from it, then checks
+the rules that span keys (:func:`_check_rules`). ``docs/scaler.md`` documents every key (the metadata test checks
+the docs against the table).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from kvscale.labels import split_selector
+from kvscale.labels import label_value_ok, parse_selector
+from kvscale.latency import LatencyModel, LatencyModelError, builtin_models, load_latency_model
 
 POOLS = ("prefill", "decode", "aggregated")
 SOURCES = ("pods", "prometheus")
 
-# key -> (default as KEDA would pass it, or None if required/derived; one-line meaning). Order = docs order.
 # Keys KEDA's external trigger reads itself; KEDA still forwards the whole metadata map in scalerMetadata.
 KEDA_KEYS = frozenset({"scalerAddress", "enableTLS", "unsafeSsl", "tlsCertFile", "caCert", "tlsClientCert",
                        "tlsClientKey"})  # fmt: skip
-
-KEYS: dict[str, tuple[str | None, str]] = {
-    "pool": (None, "required: prefill | decode | aggregated"),
-    "model": (None, "required: served model name (vLLM's model_name label)"),
-    "latencyModel": ("llama-3.1-8b-h100", "latency-model artifact: JSON file path or built-in name"),
-    "ttftSloMs": ("1000", "time-to-first-token SLO, milliseconds"),
-    "itlSloMs": ("50", "inter-token-latency SLO, milliseconds"),
-    "sloPercentile": ("90", "percentile the SLOs apply to, in (0, 100)"),
-    "metricsSource": ("pods", "pods (scrape each pod's /metrics) | prometheus"),
-    "podSelector": (None, "pods mode: Kubernetes label selector of the pool's pods (or use podUrls)"),
-    "podNamespace": (None, "pods mode: namespace of the pods (default: the ScaledObject's namespace)"),
-    "metricsPort": ("8000", "pods mode: port of the pods' /metrics"),
-    "metricsPath": ("/metrics", "pods mode: path of the pods' metrics page"),
-    "podUrls": ("", "pods mode without Kubernetes: comma-separated metrics URLs (replaces podSelector)"),
-    "prometheusUrl": (None, "prometheus mode: base URL of the Prometheus HTTP API"),
-    "prometheusSelector": ("", "prometheus mode: extra PromQL label matchers, e.g. job=\"vllm-decode\""),
-    "scaleToZero": ("false", "allow 0 replicas after stableWindowSeconds without arrivals"),
-    "stableWindowSeconds": ("60", "scale down only after this long below the current count"),
-    "panicWindowSeconds": ("10", "short window that triggers panic scale-up"),
-    "panicThreshold": ("2.0", "panic when the short-window need reaches this multiple of current replicas"),
-    "maxScaleUpRate": ("4.0", "at most this multiple of current replicas per decision (up)"),
-    "maxScaleDownRate": ("2.0", "at most divide current replicas by this per decision (down)"),
-    "maxBurstHoldSeconds": ("600", "longest gap between recurring bursts to hold burst capacity across (0 disables)"),
-    "startupSeconds": ("90", "pod cold start: the forecast horizon"),
-    "signalIntervalSeconds": ("5", "how often signals are read and a decision is made"),
-    "latencyWindowSeconds": ("30", "window for observed latency percentiles and mean ISL/OSL"),
-    "kvUsageThreshold": ("0.9", "KV-cache usage above which capacity is added"),
-    "maxNumSeqs": ("256", "the engine's max_num_seqs (decode batch limit)"),
-    "maxLatencyCorrection": ("1.5", "bound of the observed/predicted latency correction factor"),
-    "targetUtilization": ("0.8", "fraction of the modelled per-replica capacity to plan for (tail headroom)"),
-}
 
 
 class MetadataError(ValueError):
@@ -68,37 +45,236 @@ class MetadataError(ValueError):
 
 
 @dataclass(frozen=True)
-class ScalerSettings:
-    """Everything one ScaledObject asks of the scaler (immutable; hashable for caching)."""
+class MetadataKey:
+    """One ``scalerMetadata`` key: how its text becomes the value of a :class:`ScalerSettings` field."""
 
-    pool: str
-    model: str
-    latency_model: str = KEYS["latencyModel"][0]  # type: ignore[assignment]
-    ttft_slo_s: float = 1.0
-    itl_slo_s: float = 0.05
-    slo_percentile: float = 90.0
-    metrics_source: str = "pods"
-    pod_selector: str = ""
-    pod_namespace: str = "default"
-    metrics_port: int = 8000
-    metrics_path: str = "/metrics"
-    pod_urls: tuple[str, ...] = ()
-    prometheus_url: str = ""
-    prometheus_selector: str = ""
-    scale_to_zero: bool = False
-    stable_window_s: float = 60.0
-    panic_window_s: float = 10.0
-    panic_threshold: float = 2.0
-    max_scale_up_rate: float = 4.0
-    max_scale_down_rate: float = 2.0
-    max_burst_hold_s: float = 600.0
-    startup_s: float = 90.0
-    signal_interval_s: float = 5.0
-    latency_window_s: float = 30.0
-    kv_usage_threshold: float = 0.9
-    max_num_seqs: int = 256
-    max_latency_correction: float = 1.5
-    target_utilization: float = 0.8
+    name: str  # the camelCase metadata key
+    kind: str  # one of KINDS: how the text is parsed and checked
+    default: str | None  # as KEDA would pass it; None: required, or derived (e.g. from the namespace)
+    doc: str  # one line: what it means (docs/scaler.md says more)
+    lo: float = -math.inf  # bounds of number / int kinds
+    hi: float = math.inf
+    lo_open: bool = False
+    hi_open: bool = False
+    per: float = 1.0  # unit: the field holds the number divided by this (ttftSloMs / 1000 → seconds)
+    choices: tuple[str, ...] = ()  # of the choice kind
+    empty: str | None = None  # the error when the (stripped) value is empty; None: the kind decides
+    field: str = ""  # the ScalerSettings field (filled in from the dataclass)
+
+    @property
+    def required(self) -> bool:
+        return self.default is None and self.empty is not None
+
+    def bounds(self) -> str:
+        """The allowed range as an interval, e.g. ``(0, 100)`` or ``[1, 65535]``."""
+        lo_b, hi_b = ("(" if self.lo_open else "["), (")" if self.hi_open else "]")
+        if self.kind == "int":
+            return f"{lo_b}{int(self.lo)}, {int(self.hi)}{hi_b}"
+        return f"{lo_b}{self.lo:g}, {self.hi:g}{hi_b}"
+
+
+@dataclass(frozen=True)
+class _Context:
+    namespace: str  # the ScaledObject's: podNamespace's default
+    load_model: Callable[[str], LatencyModel] | None  # None: built-in names only (the dataclass defaults)
+
+
+# -- the kinds: (key, text as given, context) -> the field's value; raise MetadataError -----------------------------
+_BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_PROM_MATCHER = re.compile(r'^\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*$')
+
+
+def _choice(k: MetadataKey, text: str, ctx: _Context) -> str:
+    v = text.strip()
+    if v not in k.choices:
+        raise MetadataError(k.name, f"expected one of {' | '.join(k.choices)}, got {v!r}")
+    return v
+
+
+def _str(k: MetadataKey, text: str, ctx: _Context) -> str:
+    return text.strip()
+
+
+def _number(k: MetadataKey, text: str, ctx: _Context) -> float:
+    try:
+        v = float(text.strip())
+    except ValueError:
+        raise MetadataError(k.name, f"expected a number, got {text!r}") from None
+    if not math.isfinite(v):
+        raise MetadataError(k.name, f"expected a finite number, got {text!r}")
+    if v < k.lo or (k.lo_open and v == k.lo) or v > k.hi or (k.hi_open and v == k.hi):
+        raise MetadataError(k.name, f"must be in {k.bounds()}, got {text!r}")
+    return v / k.per
+
+
+def _int(k: MetadataKey, text: str, ctx: _Context) -> int:
+    try:
+        v = int(text.strip())
+    except ValueError:
+        raise MetadataError(k.name, f"expected an integer, got {text!r}") from None
+    if v < k.lo or (k.lo_open and v == k.lo) or v > k.hi or (k.hi_open and v == k.hi):
+        raise MetadataError(k.name, f"must be in {k.bounds()}, got {text!r}")
+    return v
+
+
+def _bool(k: MetadataKey, text: str, ctx: _Context) -> bool:
+    v = _BOOL.get(text.strip().lower())
+    if v is None:
+        raise MetadataError(k.name, f"expected true or false, got {text!r}")
+    return v
+
+
+def _check_url(name: str, text: str) -> str:
+    u = urlparse(text.strip())
+    if u.scheme not in ("http", "https") or not u.netloc:
+        raise MetadataError(name, f"expected an http(s) URL, got {text!r}")
+    return text.strip()
+
+
+def _url(k: MetadataKey, text: str, ctx: _Context) -> str:
+    """An http(s) URL, or empty (whether it is required depends on other keys)."""
+    return _check_url(k.name, text.strip()) if text.strip() else ""
+
+
+def _urls(k: MetadataKey, text: str, ctx: _Context) -> tuple[str, ...]:
+    return tuple(_check_url(k.name, u) for u in (u.strip() for u in text.split(",")) if u)
+
+
+def _selector(k: MetadataKey, text: str, ctx: _Context) -> str:
+    """A Kubernetes label selector, in :func:`kvscale.labels.parse_selector`'s grammar (or empty)."""
+    v = text.strip()
+    if v:
+        try:
+            reqs = parse_selector(v)
+        except ValueError:
+            raise MetadataError(k.name, f"not a Kubernetes label selector: {v!r}") from None
+        if not all(label_value_ok(value) for _, _, values in reqs for value in values):
+            raise MetadataError(k.name, f"not a Kubernetes label selector: {v!r}")
+    return v
+
+
+def _namespace(k: MetadataKey, text: str, ctx: _Context) -> str:
+    v = text.strip() or ctx.namespace
+    if not _NAMESPACE.fullmatch(v):
+        raise MetadataError(k.name, f"not a Kubernetes namespace name: {v!r}")
+    return v
+
+
+def _path(k: MetadataKey, text: str, ctx: _Context) -> str:
+    v = text.strip()
+    if not v.startswith("/"):
+        raise MetadataError(k.name, f"must start with '/', got {v!r}")
+    return v
+
+
+def _promql(k: MetadataKey, text: str, ctx: _Context) -> str:
+    v = text.strip().strip("{}")
+    if v and any(not _PROM_MATCHER.match(m) for m in _split_matchers(v)):
+        raise MetadataError(k.name, f'expected PromQL label matchers like job="x", got {v!r}')
+    return v
+
+
+def _latency_model(k: MetadataKey, text: str, ctx: _Context) -> str:
+    """A built-in model name, or a latency-model file that loads (through the caller's loader, which may cache)."""
+    v = text.strip()
+    if v in builtin_models():
+        return v
+    if not Path(v).is_file():
+        raise MetadataError(k.name, f"{v!r} is neither a readable file nor a built-in model ({builtin_models()})")
+    if ctx.load_model is not None:
+        try:
+            ctx.load_model(v)
+        except LatencyModelError as e:
+            raise MetadataError(k.name, str(e)) from None
+    return v
+
+
+KINDS: dict[str, Callable[[MetadataKey, str, _Context], Any]] = {
+    "choice": _choice, "str": _str, "number": _number, "int": _int, "bool": _bool, "url": _url, "urls": _urls,
+    "selector": _selector, "namespace": _namespace, "path": _path, "promql": _promql,
+    "latency-model": _latency_model,
+}  # fmt: skip
+
+
+def key(name: str, kind: str, default: str | None, doc: str, **spec: Any) -> Any:
+    """A :class:`ScalerSettings` field read from the metadata key ``name`` (see :class:`MetadataKey`).
+
+    The field's default is ``default`` parsed as the key would be (none for a required key)."""
+    k = MetadataKey(name, kind, default, doc, **spec)
+    if k.required:
+        return field(metadata={"key": k})
+    value = KINDS[kind](k, default or "", _Context("default", None))
+    return field(default=value, metadata={"key": k})
+
+
+@dataclass(frozen=True)
+class ScalerSettings:
+    """Everything one ScaledObject asks of the scaler (immutable; hashable for caching).
+
+    Every field but ``raw`` is one metadata key, declared here once."""
+
+    pool: str = key("pool", "choice", None, "required: prefill | decode | aggregated",
+                    choices=POOLS, empty=f"required ({' | '.join(POOLS)})")  # fmt: skip
+    model: str = key("model", "str", None, "required: served model name (vLLM's model_name label)",
+                     empty="required (the served model name)")  # fmt: skip
+    latency_model: str = key("latencyModel", "latency-model", "llama-3.1-8b-h100",
+                             "latency-model artifact: JSON file path or built-in name",
+                             empty="must not be empty")  # fmt: skip
+    ttft_slo_s: float = key("ttftSloMs", "number", "1000", "time-to-first-token SLO, milliseconds",
+                            lo=0, lo_open=True, per=1000.0)  # fmt: skip
+    itl_slo_s: float = key("itlSloMs", "number", "50", "inter-token-latency SLO, milliseconds",
+                           lo=0, lo_open=True, per=1000.0)  # fmt: skip
+    slo_percentile: float = key("sloPercentile", "number", "90", "percentile the SLOs apply to, in (0, 100)",
+                                lo=0, hi=100, lo_open=True, hi_open=True)  # fmt: skip
+    metrics_source: str = key("metricsSource", "choice", "pods", "pods (scrape each pod's /metrics) | prometheus",
+                              choices=SOURCES)  # fmt: skip
+    pod_selector: str = key("podSelector", "selector", None,
+                            "pods mode: Kubernetes label selector of the pool's pods (or use podUrls)")  # fmt: skip
+    pod_namespace: str = key("podNamespace", "namespace", None,
+                             "pods mode: namespace of the pods (default: the ScaledObject's namespace)")  # fmt: skip
+    metrics_port: int = key("metricsPort", "int", "8000", "pods mode: port of the pods' /metrics", lo=1, hi=65535)
+    metrics_path: str = key("metricsPath", "path", "/metrics", "pods mode: path of the pods' metrics page")
+    pod_urls: tuple[str, ...] = key(
+        "podUrls", "urls", "", "pods mode without Kubernetes: comma-separated metrics URLs (replaces podSelector)"
+    )
+    prometheus_url: str = key("prometheusUrl", "url", None, "prometheus mode: base URL of the Prometheus HTTP API")
+    prometheus_selector: str = key("prometheusSelector", "promql", "",
+                                   'prometheus mode: extra PromQL label matchers, e.g. job="vllm-decode"')  # fmt: skip
+    scale_to_zero: bool = key("scaleToZero", "bool", "false",
+                              "allow 0 replicas after stableWindowSeconds without arrivals")  # fmt: skip
+    stable_window_s: float = key("stableWindowSeconds", "number", "60",
+                                 "scale down only after this long below the current count", lo=0, hi=3600)  # fmt: skip
+    panic_window_s: float = key("panicWindowSeconds", "number", "10", "short window that triggers panic scale-up",
+                                lo=0, hi=3600)  # fmt: skip
+    panic_threshold: float = key("panicThreshold", "number", "2.0",
+                                 "panic when the short-window need reaches this multiple of current replicas",
+                                 lo=1, hi=100, lo_open=True)  # fmt: skip
+    max_scale_up_rate: float = key("maxScaleUpRate", "number", "4.0",
+                                   "at most this multiple of current replicas per decision (up)",
+                                   lo=1, hi=1000, lo_open=True)  # fmt: skip
+    max_scale_down_rate: float = key("maxScaleDownRate", "number", "2.0",
+                                     "at most divide current replicas by this per decision (down)",
+                                     lo=1, hi=1000, lo_open=True)  # fmt: skip
+    max_burst_hold_s: float = key("maxBurstHoldSeconds", "number", "600",
+                                  "longest gap between recurring bursts to hold burst capacity across (0 disables)",
+                                  lo=0, hi=3600)  # fmt: skip
+    startup_s: float = key("startupSeconds", "number", "90", "pod cold start: the forecast horizon", lo=0, hi=3600)
+    signal_interval_s: float = key("signalIntervalSeconds", "number", "5",
+                                   "how often signals are read and a decision is made", lo=0.1, hi=300)  # fmt: skip
+    latency_window_s: float = key("latencyWindowSeconds", "number", "30",
+                                  "window for observed latency percentiles and mean ISL/OSL (>= signalIntervalSeconds)",
+                                  lo=0.1, hi=3600)  # fmt: skip
+    kv_usage_threshold: float = key("kvUsageThreshold", "number", "0.9", "KV-cache usage above which capacity is added",
+                                    lo=0, hi=1, lo_open=True)  # fmt: skip
+    max_num_seqs: int = key("maxNumSeqs", "int", "256", "the engine's max_num_seqs (decode batch limit)",
+                            lo=1, hi=1 << 20)  # fmt: skip
+    max_latency_correction: float = key("maxLatencyCorrection", "number", "1.5",
+                                        "bound of the observed/predicted latency correction factor",
+                                        lo=1, hi=10)  # fmt: skip
+    target_utilization: float = key("targetUtilization", "number", "0.8",
+                                    "fraction of the modelled per-replica capacity to plan for (tail headroom)",
+                                    lo=0, hi=1, lo_open=True)  # fmt: skip
     raw: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -107,150 +283,49 @@ class ScalerSettings:
         return f"kvscale-desired-replicas-{self.pool}"
 
 
-_BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
-# A permissive check of Kubernetes label-selector syntax: comma-separated requirements.
-_SELECTOR_REQ = re.compile(
-    r"^\s*(!?[A-Za-z0-9./_-]+(\s*(=|==|!=)\s*[A-Za-z0-9._-]*)?|[A-Za-z0-9./_-]+\s+(in|notin)\s+\([A-Za-z0-9._,\s-]*\))\s*$"
+# The table: every key, in docs order, with the field it sets.
+METADATA_KEYS: tuple[MetadataKey, ...] = tuple(
+    dataclasses.replace(f.metadata["key"], field=f.name)
+    for f in dataclasses.fields(ScalerSettings)
+    if "key" in f.metadata
 )
-_PROM_MATCHER = re.compile(r'^\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*$')
+KEYS: dict[str, MetadataKey] = {k.name: k for k in METADATA_KEYS}
 
 
-def _number(md: dict[str, str], key: str, *, lo: float, hi: float = math.inf, lo_open: bool = False,
-            hi_open: bool = False) -> float:  # fmt: skip
-    text = md.get(key, KEYS[key][0])
-    assert text is not None
-    try:
-        v = float(text.strip())
-    except ValueError:
-        raise MetadataError(key, f"expected a number, got {text!r}") from None
-    if not math.isfinite(v):
-        raise MetadataError(key, f"expected a finite number, got {text!r}")
-    if v < lo or (lo_open and v == lo) or v > hi or (hi_open and v == hi):
-        lo_b, hi_b = ("(" if lo_open else "["), (")" if hi_open else "]")
-        raise MetadataError(key, f"must be in {lo_b}{lo:g}, {hi:g}{hi_b}, got {text!r}")
-    return v
+def _check_rules(v: dict[str, Any]) -> None:
+    """The rules that span keys (``v``: field name -> parsed value)."""
+    if v["metrics_source"] == "pods" and not v["pod_selector"] and not v["pod_urls"]:
+        raise MetadataError("podSelector", "required in pods mode (or give podUrls)")
+    if v["metrics_source"] == "prometheus" and not v["prometheus_url"]:
+        raise MetadataError("prometheusUrl", "required in prometheus mode")
+    stable, panic = v["stable_window_s"], v["panic_window_s"]
+    if panic > stable:
+        raise MetadataError("panicWindowSeconds", f"must be <= stableWindowSeconds ({stable:g}), got {panic:g}")
+    interval, latency = v["signal_interval_s"], v["latency_window_s"]
+    if latency < interval:
+        raise MetadataError("latencyWindowSeconds", f"must be >= signalIntervalSeconds ({interval:g}), got {latency:g}")
 
 
-def _int(md: dict[str, str], key: str, *, lo: int, hi: int) -> int:
-    text = md.get(key, KEYS[key][0])
-    assert text is not None
-    try:
-        v = int(text.strip())
-    except ValueError:
-        raise MetadataError(key, f"expected an integer, got {text!r}") from None
-    if not lo <= v <= hi:
-        raise MetadataError(key, f"must be in [{lo}, {hi}], got {text!r}")
-    return v
+def parse_scaler_metadata(
+    metadata: dict[str, str], namespace: str = "default", *, load_model: Callable[[str], LatencyModel] | None = None
+) -> ScalerSettings:
+    """Validate a ScaledObject's ``scalerMetadata``; ``namespace`` is the ScaledObject's (default podNamespace).
 
-
-def _url(key: str, text: str) -> str:
-    u = urlparse(text.strip())
-    if u.scheme not in ("http", "https") or not u.netloc:
-        raise MetadataError(key, f"expected an http(s) URL, got {text!r}")
-    return text.strip()
-
-
-def parse_scaler_metadata(metadata: dict[str, str], namespace: str = "default") -> ScalerSettings:
-    """Validate a ScaledObject's ``scalerMetadata``; ``namespace`` is the ScaledObject's (default podNamespace)."""
+    A ``latencyModel`` file is validated by loading it with ``load_model`` (default :func:`load_latency_model`); the
+    scaler service passes its model cache, so a new ScaledObject's model file is read once."""
     md = {str(k): str(v) for k, v in metadata.items()}
     unknown = sorted(set(md) - set(KEYS) - KEDA_KEYS)
     if unknown:
         raise MetadataError(unknown[0], f"unknown key (valid keys: {', '.join(KEYS)})")
-
-    pool = md.get("pool", "").strip()
-    if not pool:
-        raise MetadataError("pool", f"required ({' | '.join(POOLS)})")
-    if pool not in POOLS:
-        raise MetadataError("pool", f"expected one of {' | '.join(POOLS)}, got {pool!r}")
-    model = md.get("model", "").strip()
-    if not model:
-        raise MetadataError("model", "required (the served model name)")
-
-    latency = md.get("latencyModel", KEYS["latencyModel"][0] or "").strip()
-    if not latency:
-        raise MetadataError("latencyModel", "must not be empty")
-    from kvscale.latency import LatencyModelError, builtin_models, load_latency_model
-
-    if latency not in builtin_models():
-        if not Path(latency).is_file():
-            raise MetadataError(
-                "latencyModel", f"{latency!r} is neither a readable file nor a built-in model ({builtin_models()})"
-            )
-        try:
-            load_latency_model(latency)
-        except LatencyModelError as e:
-            raise MetadataError("latencyModel", str(e)) from None
-
-    source = md.get("metricsSource", "pods").strip()
-    if source not in SOURCES:
-        raise MetadataError("metricsSource", f"expected one of {' | '.join(SOURCES)}, got {source!r}")
-
-    selector = md.get("podSelector", "").strip()
-    pod_urls = tuple(u.strip() for u in md.get("podUrls", "").split(",") if u.strip())
-    for u in pod_urls:
-        _url("podUrls", u)
-    if selector and any(not _SELECTOR_REQ.match(part) for part in split_selector(selector)):
-        raise MetadataError("podSelector", f"not a Kubernetes label selector: {selector!r}")
-    if source == "pods" and not selector and not pod_urls:
-        raise MetadataError("podSelector", "required in pods mode (or give podUrls)")
-    pod_ns = md.get("podNamespace", "").strip() or namespace
-    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", pod_ns):
-        raise MetadataError("podNamespace", f"not a Kubernetes namespace name: {pod_ns!r}")
-    path = md.get("metricsPath", "/metrics").strip()
-    if not path.startswith("/"):
-        raise MetadataError("metricsPath", f"must start with '/', got {path!r}")
-
-    prom_url = md.get("prometheusUrl", "").strip()
-    if source == "prometheus" and not prom_url:
-        raise MetadataError("prometheusUrl", "required in prometheus mode")
-    if prom_url:
-        _url("prometheusUrl", prom_url)
-    prom_sel = md.get("prometheusSelector", "").strip().strip("{}")
-    if prom_sel and any(not _PROM_MATCHER.match(m) for m in _split_matchers(prom_sel)):
-        raise MetadataError("prometheusSelector", f'expected PromQL label matchers like job="x", got {prom_sel!r}')
-
-    s2z_text = md.get("scaleToZero", "false").strip().lower()
-    if s2z_text not in _BOOL:
-        raise MetadataError("scaleToZero", f"expected true or false, got {md['scaleToZero']!r}")
-
-    ttft = _number(md, "ttftSloMs", lo=0, lo_open=True) / 1000.0
-    itl = _number(md, "itlSloMs", lo=0, lo_open=True) / 1000.0
-    interval = _number(md, "signalIntervalSeconds", lo=0.1, hi=300)
-    stable = _number(md, "stableWindowSeconds", lo=0, hi=3600)
-    panic = _number(md, "panicWindowSeconds", lo=0, hi=3600)
-    if panic > stable:
-        raise MetadataError("panicWindowSeconds", f"must be <= stableWindowSeconds ({stable:g}), got {panic:g}")
-    return ScalerSettings(
-        pool=pool,
-        model=model,
-        latency_model=latency,
-        ttft_slo_s=ttft,
-        itl_slo_s=itl,
-        slo_percentile=_number(md, "sloPercentile", lo=0, hi=100, lo_open=True, hi_open=True),
-        metrics_source=source,
-        pod_selector=selector,
-        pod_namespace=pod_ns,
-        metrics_port=_int(md, "metricsPort", lo=1, hi=65535),
-        metrics_path=path,
-        pod_urls=pod_urls,
-        prometheus_url=prom_url,
-        prometheus_selector=prom_sel,
-        scale_to_zero=_BOOL[s2z_text],
-        stable_window_s=stable,
-        panic_window_s=panic,
-        panic_threshold=_number(md, "panicThreshold", lo=1, hi=100, lo_open=True),
-        max_scale_up_rate=_number(md, "maxScaleUpRate", lo=1, hi=1000, lo_open=True),
-        max_scale_down_rate=_number(md, "maxScaleDownRate", lo=1, hi=1000, lo_open=True),
-        max_burst_hold_s=_number(md, "maxBurstHoldSeconds", lo=0, hi=3600),
-        startup_s=_number(md, "startupSeconds", lo=0, hi=3600),
-        signal_interval_s=interval,
-        latency_window_s=_number(md, "latencyWindowSeconds", lo=interval, hi=3600),
-        kv_usage_threshold=_number(md, "kvUsageThreshold", lo=0, hi=1, lo_open=True),
-        max_num_seqs=_int(md, "maxNumSeqs", lo=1, hi=1 << 20),
-        max_latency_correction=_number(md, "maxLatencyCorrection", lo=1, hi=10),
-        target_utilization=_number(md, "targetUtilization", lo=0, hi=1, lo_open=True),
-        raw=tuple(sorted(md.items())),
-    )
+    ctx = _Context(namespace, load_model or load_latency_model)
+    values: dict[str, Any] = {}
+    for k in METADATA_KEYS:
+        text = md.get(k.name, k.default or "")
+        if k.empty is not None and not text.strip():
+            raise MetadataError(k.name, k.empty)
+        values[k.field] = KINDS[k.kind](k, text, ctx)
+    _check_rules(values)
+    return ScalerSettings(**values, raw=tuple(sorted(md.items())))
 
 
 def _split_matchers(text: str) -> list[str]:

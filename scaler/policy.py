@@ -5,10 +5,11 @@ Per decision (every signal interval):
 
 1. **Demand**, forecast over the cold start (``startupSeconds``) with a damped Holt smoother of the arrival rate,
    in the pool's unit: uncached prefill tokens/s (prefill), generated tokens/s (decode), requests/s (aggregated).
-2. **Capacity per replica** under the SLO from the latency model (``predictor.capacity``): prefill tokens/s with
-   TTFT at the percentile ≤ SLO (M/D/1), decode tokens/s at the largest batch whose step meets the ITL SLO at the
-   observed context, or the mixed requests/s of an aggregated replica. Divided by a bounded, smoothed
-   observed/predicted latency correction (the model may be optimistic or pessimistic for this deployment).
+2. **Capacity per replica** under the SLO from the latency model (``predictor.capacity``, through its memoizing
+   :class:`~predictor.capacity.CapacityView`): prefill tokens/s with TTFT at the percentile ≤ SLO (M/D/1), decode
+   tokens/s at the largest batch whose step meets the ITL SLO at the observed context, or the mixed requests/s of
+   an aggregated replica. Divided by a bounded, smoothed observed/predicted latency correction (the model may be
+   optimistic or pessimistic for this deployment).
 3. **need** = demand ÷ capacity, plus corrections: a sustained, non-shrinking queue must drain within the TTFT
    budget plus the cold start with the planned (ready + starting) replicas; KV usage above ``kvUsageThreshold``
    asks for ``ready x usage ÷ threshold`` replicas. Demand is planned at ``max(smoothed rate, forecast)``.
@@ -32,14 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 from kvscale.latency import LatencyModel
-from predictor.capacity import (
-    SLO,
-    aggregated_capacity_rps,
-    aggregated_mean_step_s,
-    decode_capacity,
-    predict_prefill_ttft_s,
-    prefill_capacity_tokens_per_s,
-)
+from predictor.capacity import SLO, CapacityView, aggregated_mean_step_s, predict_prefill_ttft_s
 from scaler.forecast import HoltForecaster
 from scaler.metadata import ScalerSettings
 from scaler.signals import PoolSignals
@@ -112,42 +106,6 @@ class BurstHold:
         if self.max_hold_s <= 0 or not gaps or gaps[-1] > self.max_hold_s:
             return 0.0
         return min(self.max_hold_s, BURST_GAP_FACTOR * max(g for g in gaps if g <= self.max_hold_s))
-
-
-def _q(x: float, step: float = 0.02) -> float:
-    """Quantize a positive size to ~2% log buckets so capacity lookups hit the cache."""
-    if x <= 0:
-        return 0.0
-    return round(math.exp(round(math.log(x) / step) * step), 6)
-
-
-class CapacityView:
-    """Per-replica capacity in the pool's demand unit, memoized on quantized inputs (analytic, microseconds)."""
-
-    def __init__(self, model: LatencyModel, slo: SLO, max_num_seqs: int, max_entries: int = 4096) -> None:
-        self.model, self.slo, self.max_num_seqs = model, slo, max_num_seqs
-        self._cache: dict[tuple, float] = {}
-        self._max = max_entries
-
-    def per_replica(self, pool: str, isl: float, osl: float, cached: float) -> float:
-        key = (pool, _q(isl), _q(osl), round(min(max(cached, 0.0), 0.98), 2))
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        _, qi, qo, qc = key
-        if pool == "prefill":
-            v = prefill_capacity_tokens_per_s(self.model, self.slo, qi, qc)
-        elif pool == "decode":
-            v = decode_capacity(self.model, self.slo, qi + qo / 2.0, self.max_num_seqs).tokens_per_s
-        else:
-            v = aggregated_capacity_rps(self.model, self.slo, qi, qo, qc, self.max_num_seqs)
-        if len(self._cache) >= self._max:
-            self._cache.clear()
-        self._cache[key] = v
-        return v
-
-    def decode_batch(self, isl: float, osl: float) -> int:
-        return decode_capacity(self.model, self.slo, _q(isl) + _q(osl) / 2.0, self.max_num_seqs).batch
 
 
 class ScalingPolicy:

@@ -3,18 +3,23 @@
 vLLM 0.32 names (``vllm/v1/metrics/loggers.py``), labels ``model_name`` and ``engine``; counters carry ``_total``;
 histogram buckets copied from ``vllm/v1/metrics/buckets.py``. Engine state (running, waiting, KV usage, prefix
 cache, preemptions, token counters) is read from the engine core at scrape time; request latencies are observed
-when requests finish.
+when requests finish. :class:`ReplicaCounters` is the request-counter part alone, without a registry, for the
+replicas of a virtual-clock cluster (the scaling evaluator reads them as engine stats).
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvscale.engine_stats import HistogramSnapshot
 from simulator.engine import EngineCore
 from simulator.request import Request
 
@@ -188,3 +193,54 @@ class EngineMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class WeightedHistogram:
+    """A cumulative Prometheus-style histogram (vLLM's bucket bounds) with weighted observations, no registry."""
+
+    __slots__ = ("bounds", "count", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] | list[float]) -> None:
+        self.bounds = list(bounds)
+        self.counts = [0.0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+        self.count = 0.0
+
+    def observe(self, v: float, weight: float = 1.0) -> None:
+        self.counts[bisect.bisect_left(self.bounds, v)] += weight
+        self.sum += v * weight
+        self.count += weight
+
+    def snapshot(self) -> HistogramSnapshot:
+        cum = np.cumsum(self.counts)
+        les = [*self.bounds, math.inf]
+        return HistogramSnapshot(tuple(zip(les, cum.tolist(), strict=True)), self.sum, self.count)
+
+
+class ReplicaCounters:
+    """The request counters a real engine's /metrics would show for one simulated replica, without
+    ``prometheus_client``: finished requests and the TTFT, ITL, prompt- and output-length histograms, fed from
+    finished requests (:meth:`on_finish`) and read as :class:`~kvscale.engine_stats.HistogramSnapshot`.
+
+    For a virtual-clock cluster, where no engine serves a metrics page (:class:`EngineMetrics` is the registry of
+    a served engine). The cluster keeps no per-token gaps, so a request's inter-token gaps count at their mean.
+    """
+
+    __slots__ = ("finished", "isl", "itl", "osl", "ttft")
+
+    def __init__(self, token_buckets: list[float]) -> None:
+        self.finished = 0
+        self.ttft = WeightedHistogram(TTFT_BUCKETS)
+        self.itl = WeightedHistogram(ITL_BUCKETS)
+        self.isl = WeightedHistogram(token_buckets)
+        self.osl = WeightedHistogram(token_buckets)
+
+    def on_finish(self, req: Request) -> None:
+        self.finished += 1
+        if req.first_token_time >= 0:
+            self.ttft.observe(req.first_token_time - req.arrival_time)
+        n = req.num_output_tokens
+        if n > 1:  # each inter-token gap of the request, at its mean (the cluster does not keep every gap)
+            self.itl.observe((req.last_token_time - req.first_token_time) / (n - 1), n - 1)
+        self.isl.observe(req.num_prompt_tokens)
+        self.osl.observe(n)

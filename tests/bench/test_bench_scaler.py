@@ -21,7 +21,10 @@ from harness.simpods import SIM_MODEL as MODEL
 from harness.simpods import write_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
-from scaler.evaluate import EvalConfig, Evaluation, KvscaleProducer, VirtualSource, goal_check, print_table
+from scaler.evaluate.controllers import KvscaleProducer
+from scaler.evaluate.report import goal_check, print_table
+from scaler.evaluate.run import EvalConfig, Evaluation
+from scaler.evaluate.signals import VirtualSource
 from scaler.policy import ScalingPolicy
 
 DEFAULT_CASES = "diurnal:reasoning,step:reasoning"

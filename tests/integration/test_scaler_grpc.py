@@ -23,7 +23,8 @@ from harness.procs import free_port
 from harness.simpods import sim_pods, slow_latency_model, write_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
-from scaler.service import ScalerApp, ScalerService, TLSFiles
+from scaler.app import ScalerApp, TLSFiles
+from scaler.service import ScalerService
 
 
 def metadata(model_path: Path, urls: list[str], **extra: str) -> dict[str, str]:

@@ -22,7 +22,8 @@ from harness.procs import free_port
 from harness.simpods import Pod, slow_latency_model, start_sim_pod, write_latency_model
 from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
-from scaler.service import ScalerApp, ScalerService
+from scaler.app import ScalerApp
+from scaler.service import ScalerService
 
 
 class PoolDiscovery:

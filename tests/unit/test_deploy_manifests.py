@@ -9,7 +9,6 @@ scaler's metadata validation are the real ones. Each checker is also shown to ca
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import re
 import shutil
@@ -17,35 +16,21 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
+
+from deploy import k8s_checks, kvscale_checks, objects, render
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 OVERLAYS = ("aggregated", "pd")
 
 
-def _load_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kvscale_deploy_render", DEPLOY / "render.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
-
 
 @pytest.fixture(scope="module")
-def rendered() -> dict[str, list[dict]]:
-    try:
-        render.kustomize_command()
-    except render.RenderError as e:
-        pytest.fail(str(e))
-    return {name: render.render(DEPLOY / "overlays" / name) for name in OVERLAYS}
+def rendered(kustomize_render: Callable[[Path], list[dict]]) -> dict[str, list[dict]]:
+    return {name: kustomize_render(DEPLOY / "overlays" / name) for name in OVERLAYS}
 
 
 def _get(docs: list[dict], kind: str, name: str) -> dict:
@@ -80,12 +65,12 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict]]) -
         assert vols["latency-model"]["configMap"]["name"] == cms[0]["metadata"]["name"]
         for d in docs:
             if d["kind"] not in ("Namespace", "PriorityClass"):
-                assert d["metadata"].get("namespace") == "kvscale", render.ident(d)
+                assert d["metadata"].get("namespace") == "kvscale", objects.ident(d)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_object_validates_against_its_schema(rendered: dict[str, list[dict]], overlay: str) -> None:
-    assert render.check_schemas(rendered[overlay]) == []
+    assert k8s_checks.check_schemas(rendered[overlay]) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -96,7 +81,7 @@ def test_wiring_is_consistent(rendered: dict[str, list[dict]], overlay: str) -> 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_kvscale_containers_parse_with_the_real_cli(rendered: dict[str, list[dict]], overlay: str) -> None:
     """The router and scaler args go through ``kvscale``'s own parser; the router config is built and validated."""
-    assert render.check_kvscale_args(rendered[overlay]) == []
+    assert kvscale_checks.check_kvscale_args(rendered[overlay]) == []
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -115,7 +100,7 @@ def test_scaler_accepts_every_scaledobject_trigger(rendered: dict[str, list[dict
         assert Path(settings.latency_model).is_file()
         return settings
 
-    assert render.check_scaler_metadata(rendered[overlay], parse) == []
+    assert kvscale_checks.check_scaler_metadata(rendered[overlay], parse) == []
     pools = {"aggregated": {("aggregated", "kvscale")}, "pd": {("prefill", "kvscale"), ("decode", "kvscale")}}
     assert set(seen) == pools[overlay]
 
@@ -124,7 +109,7 @@ def test_scaler_metadata_check_reports_what_the_scaler_rejects(rendered: dict[st
     docs = copy.deepcopy(rendered["pd"])
     so = _get(docs, "ScaledObject", "vllm-prefill")
     so["spec"]["triggers"][0]["metadata"]["ttftSloMs"] = "fast"
-    problems = render.check_scaler_metadata(docs)
+    problems = kvscale_checks.check_scaler_metadata(docs)
     assert any("vllm-prefill" in p and "ttftSloMs" in p for p in problems), problems
 
 
@@ -135,9 +120,9 @@ def test_latency_model_matches_the_engines(rendered: dict[str, list[dict]]) -> N
     for docs in rendered.values():
         cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvscale-latency"))
         model = latency_model_from_dict(json.loads(cm["data"]["latency-model.json"]))
-        for w in render.engine_workloads(docs):
-            args = render.engine_container(w)["args"]
-            assert render.flag(args, "--model") == model.model
+        for w in kvscale_checks.engine_workloads(docs):
+            args = kvscale_checks.engine_container(w)["args"]
+            assert objects.flag(args, "--model") == model.model
             terms = w["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
                 "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]  # fmt: skip
             products = [v for t in terms for e in t["matchExpressions"] if e["key"] == "nvidia.com/gpu.product"
@@ -162,7 +147,7 @@ def test_pd_pools_differ_only_where_they_should(rendered: dict[str, list[dict]])
             obj.pop("llm-d.ai/role", None)
     assert a == b
     agg = _get(rendered["aggregated"], "Deployment", "vllm")
-    assert render.flag(render.engine_container(agg)["args"], "--kv-transfer-config") is None
+    assert objects.flag(kvscale_checks.engine_container(agg)["args"], "--kv-transfer-config") is None
 
 
 # A mutation of the rendered pd overlay and the problem the checks must then report.
@@ -294,12 +279,12 @@ def test_cli_check_catches_flag_typos(rendered: dict[str, list[dict]]) -> None:
     docs = copy.deepcopy(rendered["aggregated"])
     args = _container(docs, "kvscale-scaler")["args"]
     args[args.index("--port=9090")] = "--grpc-port=9090"
-    problems = render.check_kvscale_args(docs)
+    problems = kvscale_checks.check_kvscale_args(docs)
     assert any("kvscale-scaler" in p and "--grpc-port" in p for p in problems), problems
     docs = copy.deepcopy(rendered["aggregated"])
     c = _container(docs, "kvscale-router")
     c["args"] = [a for a in c["args"] if not a.startswith("--api-key-file")]
-    assert any("no --api-key-file" in p for p in render.check_kvscale_args(docs))
+    assert any("no --api-key-file" in p for p in kvscale_checks.check_kvscale_args(docs))
 
 
 SCHEMA_BREAKS: dict[str, tuple[str, str, Callable[[dict], None], str]] = {
@@ -369,7 +354,7 @@ def test_schemas_reject_broken_objects(rendered: dict[str, list[dict]], case: st
     kind, name, mutate, expected = SCHEMA_BREAKS[case]
     obj = copy.deepcopy(_get(rendered["pd"], kind, name))
     mutate(obj)
-    problems = render.check_schemas([obj])
+    problems = k8s_checks.check_schemas([obj])
     assert any(expected in p for p in problems), f"{case}: expected {expected!r} in {problems}"
 
 
@@ -380,10 +365,12 @@ def test_crd_schema_files_are_valid_json_schemas() -> None:
         schema = json.loads(path.read_text())
         jsonschema.validators.validator_for(schema).check_schema(schema)
         assert schema["properties"]["spec"]["additionalProperties"] is False, path.name
-    assert {p.name for p in (DEPLOY / "schemas").glob("*.json")} == set(render.CRD_SCHEMAS.values())
+    assert {p.name for p in (DEPLOY / "schemas").glob("*.json")} == set(k8s_checks.CRD_SCHEMAS.values())
 
 
-def test_changing_the_overlay_namespace_moves_everything(tmp_path: Path, rendered: dict[str, list[dict]]) -> None:
+def test_changing_the_overlay_namespace_moves_everything(
+    tmp_path: Path, rendered: dict[str, list[dict]], kustomize_render: Callable[[Path], list[dict]]
+) -> None:
     """docs/deploy.md says: change ``namespace:`` in the overlay and everything follows. Check that claim."""
     copy_root = tmp_path / "deploy"
     shutil.copytree(DEPLOY, copy_root, ignore=shutil.ignore_patterns("__pycache__"))
@@ -392,13 +379,13 @@ def test_changing_the_overlay_namespace_moves_everything(tmp_path: Path, rendere
         text = k.read_text()
         assert "\nnamespace: kvscale\n" in text
         k.write_text(text.replace("\nnamespace: kvscale\n", "\nnamespace: team-a\n"))
-        docs = render.render(k.parent)
+        docs = kustomize_render(k.parent)
         assert render.check(docs, schemas=False, kvscale=False) == []
         for d in docs:
             if d["kind"] == "Namespace":
                 assert d["metadata"]["name"] == "team-a"
             elif d["kind"] != "PriorityClass":
-                assert d["metadata"]["namespace"] == "team-a", render.ident(d)
+                assert d["metadata"]["namespace"] == "team-a", objects.ident(d)
         for rb in (d for d in docs if d["kind"] == "RoleBinding"):
             assert {s["namespace"] for s in rb["subjects"]} == {"team-a"}
         for so in (d for d in docs if d["kind"] == "ScaledObject"):
@@ -434,7 +421,7 @@ def test_render_script_cli(tmp_path: Path) -> None:
 
 def test_docs_cover_secrets_and_every_metadata_key(rendered: dict[str, list[dict]]) -> None:
     doc = (ROOT / "docs" / "deploy.md").read_text()
-    for name in render.OPERATOR_SECRETS:
+    for name in k8s_checks.OPERATOR_SECRETS:
         assert f"`{name}`" in doc, f"docs/deploy.md does not tell the operator to create {name}"
     keys = {k for docs in rendered.values() for d in docs if d["kind"] == "ScaledObject"
             for k in d["spec"]["triggers"][0]["metadata"]}  # fmt: skip

@@ -17,18 +17,19 @@ import importlib.util
 import json
 import re
 import subprocess
-import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy import k8s_checks, objects
 from harness.procs import ManagedProcess, free_port
+from kvscale.labels import matches
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -54,26 +55,15 @@ GRAFANA_VARS = {"$__rate_interval": "1m", "$namespace": "kvscale", "$percentile"
 METRIC_RE = re.compile(r"\b(?:kvscale_(?:router|scaler)_[a-z_]+|vllm:[a-z_:]+)")
 
 
-def _load_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kvscale_deploy_render", DEPLOY / "render.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-render = _load_render()
+@pytest.fixture(scope="module")
+def monitoring(kustomize_render: Callable[[Path], list[dict]]) -> list[dict]:
+    return kustomize_render(MONITORING)
 
 
 @pytest.fixture(scope="module")
-def monitoring() -> list[dict]:
-    return render.render(MONITORING)
-
-
-@pytest.fixture(scope="module")
-def pd() -> list[dict]:
-    return render.render(DEPLOY / "overlays" / "pd")
+def pd(kustomize_render: Callable[[Path], list[dict]]) -> list[dict]:
+    return kustomize_render(DEPLOY / "overlays" / "pd")
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +86,7 @@ def test_monitoring_renders_and_validates(monitoring: list[dict]) -> None:
     kinds = sorted((d["kind"], d["metadata"]["name"]) for d in monitoring)
     assert kinds == [("ConfigMap", "kvscale-grafana-dashboard"), ("PodMonitor", "kvscale-vllm"),
                      ("ServiceMonitor", "kvscale-router"), ("ServiceMonitor", "kvscale-scaler")]  # fmt: skip
-    assert render.check_schemas(monitoring) == []
+    assert k8s_checks.check_schemas(monitoring) == []
     cm = next(d for d in monitoring if d["kind"] == "ConfigMap")
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(cm["data"]["grafana-dashboard.json"]) == json.loads(
@@ -108,18 +98,18 @@ def test_monitors_select_the_deployed_pods_and_ports(monitoring: list[dict], pd:
     """Monitors and the kvscale objects live in one namespace; their selectors and port names must line up."""
     pm = next(d for d in monitoring if d["kind"] == "PodMonitor")
     assert pm["metadata"]["namespace"] == "kvscale"
-    pods = render.selected_workloads(pd, render.selector_from_object(pm["spec"]["selector"]), "kvscale")
+    pods = objects.selected_workloads(pd, objects.selector_from_object(pm["spec"]["selector"]), "kvscale")
     assert sorted(w["metadata"]["name"] for w in pods) == ["vllm-decode", "vllm-prefill"]
     for w in pods:
         for ep in pm["spec"]["podMetricsEndpoints"]:
-            assert any(p.get("name") == ep["port"] for p in render.container_ports(w))
+            assert any(p.get("name") == ep["port"] for p in objects.container_ports(w))
     for sm in (d for d in monitoring if d["kind"] == "ServiceMonitor"):
         svcs = [
             s
             for s in pd
             if s["kind"] == "Service"
             and s["metadata"]["namespace"] == sm["metadata"]["namespace"]
-            and render.matches(render.selector_from_object(sm["spec"]["selector"]), s["metadata"]["labels"])
+            and matches(objects.selector_from_object(sm["spec"]["selector"]), s["metadata"]["labels"])
         ]
         assert [s["metadata"]["name"] for s in svcs] == [sm["metadata"]["name"]]
         for ep in sm["spec"]["endpoints"]:
@@ -131,10 +121,10 @@ def test_monitors_select_the_deployed_pods_and_ports(monitoring: list[dict], pd:
 def test_podmonitor_schema_rejects_a_typo(monitoring: list[dict]) -> None:
     pm = copy.deepcopy(next(d for d in monitoring if d["kind"] == "PodMonitor"))
     pm["spec"]["podMetricEndpoints"] = pm["spec"].pop("podMetricsEndpoints")
-    assert any("podMetricEndpoints" in p for p in render.check_schemas([pm]))
+    assert any("podMetricEndpoints" in p for p in k8s_checks.check_schemas([pm]))
     pm = copy.deepcopy(next(d for d in monitoring if d["kind"] == "PodMonitor"))
     pm["spec"]["podMetricsEndpoints"][0]["interval"] = "10 seconds"
-    assert any("does not match" in p for p in render.check_schemas([pm]))
+    assert any("does not match" in p for p in k8s_checks.check_schemas([pm]))
 
 
 def test_dashboard_shape(dashboard: dict) -> None:
@@ -178,7 +168,7 @@ def _series_names(registry) -> set[str]:
 
 def test_kvscale_metric_names_exist_in_the_real_registries(dashboard: dict) -> None:
     from router.metrics import RouterMetrics
-    from scaler.service import ScalerMetrics
+    from scaler.metrics import ScalerMetrics
 
     known = _series_names(RouterMetrics().registry) | _series_names(ScalerMetrics().registry)
     used = {m for e in _exprs(dashboard) for m in METRIC_RE.findall(e) if m.startswith("kvscale_")}
@@ -250,7 +240,7 @@ def _pod_targets(docs: list[dict]) -> list[dict]:
     """What Kubernetes pod discovery would hand Prometheus for the rendered workloads: one target per container
     port of each replica, with the pod's labels and annotations as ``__meta_kubernetes_*`` labels."""
     out, n = [], 0
-    for w in render.of_kind(docs, "Deployment"):
+    for w in objects.of_kind(docs, "Deployment"):
         tmpl = w["spec"]["template"]
         for replica in range(w["spec"].get("replicas", 1)):
             n += 1

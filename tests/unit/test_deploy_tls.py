@@ -9,35 +9,24 @@ what KEDA's operator does (``caCert``, ``tlsClientCert``, ``tlsClientKey`` → `
 from __future__ import annotations
 
 import base64
-import importlib.util
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deploy import k8s_checks, objects
 from harness.procs import ManagedProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SCRIPT = DEPLOY / "tls" / "make-certs.sh"
 
-
-def _load_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kvscale_deploy_render", DEPLOY / "render.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-render = _load_render()
 
 
 def _make_certs(out: Path, namespace: str = "kvscale") -> list[dict]:
@@ -55,15 +44,15 @@ def _secret_file(secrets: list[dict], name: str, key: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def pd() -> list[dict]:
-    return render.render(DEPLOY / "overlays" / "pd")
+def pd(kustomize_render: Callable[[Path], list[dict]]) -> list[dict]:
+    return kustomize_render(DEPLOY / "overlays" / "pd")
 
 
 def test_secrets_match_what_the_manifests_reference(tmp_path: Path, pd: list[dict]) -> None:
     secrets = _make_certs(tmp_path / "tls")
     for s in secrets:
         s["metadata"].pop("creationTimestamp", None)  # kubectl's dry-run output carries a null timestamp
-    assert render.check_schemas(secrets) == []
+    assert k8s_checks.check_schemas(secrets) == []
     assert {s["metadata"]["name"] for s in secrets} == {"kvscale-scaler-tls", "kvscale-keda-client-tls"}
     assert all(s["metadata"]["namespace"] == "kvscale" for s in secrets)
     # The TriggerAuthentication's keys exist in the Secret it names.
@@ -78,7 +67,7 @@ def test_secrets_match_what_the_manifests_reference(tmp_path: Path, pd: list[dic
     c = spec["containers"][0]
     vols = {v["name"]: v for v in spec["volumes"]}
     for flag in ("--tls-cert", "--tls-key", "--tls-client-ca"):
-        path = render.flag(c["args"], flag)
+        path = objects.flag(c["args"], flag)
         mount = next(m for m in c["volumeMounts"] if path.startswith(m["mountPath"] + "/"))
         secret_name = vols[mount["name"]]["secret"]["secretName"]
         assert _secret_file(secrets, secret_name, path[len(mount["mountPath"]) + 1 :])

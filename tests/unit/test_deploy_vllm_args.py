@@ -10,11 +10,12 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from deploy import kvscale_checks
 
 # find_spec, not importorskip: importing vLLM at collection would slow down every run of tests/unit.
 pytestmark = [
@@ -29,26 +30,17 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 
 
-def _load_render() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("kvscale_deploy_render", DEPLOY / "render.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-render = _load_render()
-
-
-def test_engine_args_parse_with_vllm_and_match_the_image_version() -> None:
+def test_engine_args_parse_with_vllm_and_match_the_image_version(
+    kustomize_render: Callable[[Path], list[dict]],
+) -> None:
     import vllm
 
-    docs = {name: render.render(DEPLOY / "overlays" / name) for name in ("aggregated", "pd")}
+    docs = {name: kustomize_render(DEPLOY / "overlays" / name) for name in ("aggregated", "pd")}
     for overlay, objs in docs.items():
-        assert render.check_vllm_args(objs) == [], overlay
-        for w in render.engine_workloads(objs):
-            image = render.engine_container(w)["image"]
+        assert kvscale_checks.check_vllm_args(objs) == [], overlay
+        for w in kvscale_checks.engine_workloads(objs):
+            image = kvscale_checks.engine_container(w)["image"]
             tag = re.fullmatch(r"vllm/vllm-openai:v(\d+\.\d+\.\d+)", image)
             assert tag, image
             # The parser we validate with is the image's vLLM version.
@@ -56,8 +48,8 @@ def test_engine_args_parse_with_vllm_and_match_the_image_version() -> None:
 
     # And vLLM does reject what it should (the check is live).
     broken = copy.deepcopy(docs["pd"])
-    for w in render.engine_workloads(broken):
-        c = render.engine_container(w)
+    for w in kvscale_checks.engine_workloads(broken):
+        c = kvscale_checks.engine_container(w)
         c["args"] = [a.replace('"publisher":"zmq"', '"publisher":"zmqq"') for a in c["args"]]
-    problems = render.check_vllm_args(broken)
+    problems = kvscale_checks.check_vllm_args(broken)
     assert len(problems) == 2 and all("publisher" in p for p in problems), problems

@@ -24,7 +24,8 @@ from kvscale.cli import main as kvscale_main  # noqa: E402
 from kvscale.latency import load_latency_model  # noqa: E402
 from predictor.dataset import read_manifest, read_point_stats, read_requests  # noqa: E402
 from predictor.fit import fit_profile  # noqa: E402
-from predictor.gpu_steps import NOTE, SHAPES, Decoder, StepsConfig, StepsError, StepsRunner, param_count  # noqa: E402
+from predictor.gpu_campaign import NOTE, SHAPES, StepsConfig, StepsError, StepsRunner  # noqa: E402
+from predictor.gpu_model import Decoder, param_count  # noqa: E402
 from simulator.cli import build_server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]

@@ -14,14 +14,13 @@ from kvscale.engine_stats import EngineStats, HistogramSnapshot
 from kvscale.latency import LatencyModelError, latency_model_from_dict, load_latency_model, prefill_attn_term
 from predictor.capacity import (
     SLO,
-    CapacityCache,
     aggregated_capacity_rps,
-    capacity,
     decode_capacity,
     md1_wait_quantile,
     predict_prefill_ttft_s,
     prefill_capacity_tokens_per_s,
 )
+from predictor.capacity_sim import CapacityCache, capacity
 from predictor.dataset import DatasetError, read_requests, request_row, write_manifest, write_point
 from predictor.fit import FitError, fit_profile, out_of_range
 from predictor.importer import ImportError_, import_results

@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from kvscale.latency import load_latency_model
-from scaler.evaluate import EvalConfig, Evaluation, OracleController
+from scaler.evaluate.controllers import OracleController
+from scaler.evaluate.run import EvalConfig, Evaluation
 from scaler.hpa import DEPLOY_DIR, Hpa, HpaBehavior, HpaPolicy, HpaRules, committed_behavior
 from simulator.cluster import Cluster
 from simulator.engine import EngineConfig

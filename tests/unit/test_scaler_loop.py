@@ -1,15 +1,20 @@
-"""The decision loops' schedule: each ScaledObject on its own phase, so many do not scrape all at once."""
+"""The decision loops' schedule: each ScaledObject on its own phase, so many do not scrape all at once; and the
+service's registration reads a ScaledObject's latency-model file once."""
 
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 
 import pytest
 
+import scaler.metadata
 from kvscale.latency import load_latency_model
+from protos import externalscaler_pb2 as pb
 from scaler.metadata import parse_scaler_metadata
 from scaler.policy import ScalingPolicy
-from scaler.service import Tracker, _next_tick
+from scaler.service import LatencyModels, ScalerService, ServeOptions, Tracker, _next_tick
 
 
 def test_next_tick_is_on_the_phase_grid_at_least_half_an_interval_away():
@@ -30,3 +35,35 @@ def test_twenty_scaledobjects_spread_over_the_interval():
     assert all(0.0 <= p < s.signal_interval_s for p in phases)
     gaps = [b - a for a, b in itertools.pairwise(phases)]
     assert max(gaps) < s.signal_interval_s / 3  # no big empty stretch: the work is spread, not bunched
+
+
+async def test_a_new_scaledobject_loads_its_latency_model_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    path = tmp_path / "model.json"
+    path.write_text(load_latency_model("llama-3.1-8b-h100").dumps())
+    loaded: list[str] = []
+
+    def load(spec: str):
+        loaded.append(spec)
+        return load_latency_model(spec)
+
+    def no_direct_load(spec: str):
+        raise AssertionError("the metadata validation loaded the model outside the service's cache")
+
+    monkeypatch.setattr(scaler.metadata, "load_latency_model", no_direct_load)
+    service = ScalerService(options=ServeOptions(parse_workers=0))
+    service.models = LatencyModels(load=load)
+    await service.start()
+    try:
+        md = {"pool": "aggregated", "model": "m", "podUrls": "http://127.0.0.1:9/metrics", "latencyModel": str(path)}
+        first = service.tracker(pb.ScaledObjectRef(name="a", namespace="llm", scalerMetadata=md))
+        assert loaded == [str(path)]  # validated and used: one read
+        service.tracker(pb.ScaledObjectRef(name="b", namespace="llm", scalerMetadata=md))
+        assert loaded == [str(path)]  # the same file for another ScaledObject: still one read
+        st = path.stat()
+        path.write_text(path.read_text().replace('"notes": "', '"notes": "edited '))
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+        third = service.tracker(pb.ScaledObjectRef(name="c", namespace="llm", scalerMetadata=md))
+        assert loaded == [str(path)] * 2  # an edited file is read again
+        assert third.policy.model is not first.policy.model
+    finally:
+        await service.stop()

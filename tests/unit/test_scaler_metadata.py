@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 
-from scaler.metadata import KEYS, MetadataError, parse_scaler_metadata
+from scaler.metadata import KEYS, METADATA_KEYS, MetadataError, ScalerSettings, parse_scaler_metadata
 
 BASE = {"pool": "decode", "model": "llama", "podSelector": "app=vllm,role in (decode)"}
 
@@ -19,7 +20,7 @@ def test_defaults_and_namespace():
     assert (s.stable_window_s, s.panic_window_s, s.startup_s, s.signal_interval_s) == (60.0, 10.0, 90.0, 5.0)
     assert s.metric_name == "kvscale-desired-replicas-decode"
     # every documented default parses to the dataclass default
-    explicit = {k: v for k, (v, _) in KEYS.items() if v not in (None, "")}
+    explicit = {k.name: k.default for k in METADATA_KEYS if k.default not in (None, "")}
     assert parse_scaler_metadata({**BASE, **explicit}, namespace="llm") == s
 
 
@@ -31,12 +32,40 @@ def test_max_burst_hold_seconds():
         parse_scaler_metadata({**BASE, "maxBurstHoldSeconds": "-5"})
 
 
-def test_every_key_is_documented():
+def test_every_key_is_declared_once_on_its_field():
+    fields = [f.name for f in dataclasses.fields(ScalerSettings)]
+    assert [k.field for k in METADATA_KEYS] == [f for f in fields if f != "raw"]  # every field but raw is a key
+    assert len(KEYS) == len(METADATA_KEYS) and list(KEYS) == [k.name for k in METADATA_KEYS]
+    for k in METADATA_KEYS:
+        f = ScalerSettings.__dataclass_fields__[k.field]
+        if k.required:
+            assert f.default is dataclasses.MISSING, k.name
+        elif k.default:  # the field's default is the documented text, parsed (ms → s for the SLOs)
+            one = parse_scaler_metadata({**BASE, k.name: k.default})
+            assert getattr(one, k.field) == f.default, k.name
+    assert ScalerSettings.__dataclass_fields__["ttft_slo_s"].default == 1.0  # 1000 ms
+    assert ScalerSettings.__dataclass_fields__["itl_slo_s"].default == 0.05  # 50 ms
+
+
+def _docs_table() -> dict[str, str]:
+    """The ``Metadata keys`` table of docs/scaler.md: key -> its default cell."""
     doc = (Path(__file__).resolve().parents[2] / "docs" / "scaler.md").read_text()
-    for key, (default, _) in KEYS.items():
-        assert f"`{key}`" in doc, key
-        if default:
-            assert re.search(rf"`{key}`[^\n]*{re.escape(default)}", doc), f"{key}: default {default} not in docs"
+    section = doc.split("## Metadata keys", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `([A-Za-z]+)` \| ([^|]*) \|", section, flags=re.M)
+    return {key: default.strip() for key, default in rows}
+
+
+def test_every_key_is_documented():
+    table = _docs_table()
+    assert list(table) == [k.name for k in METADATA_KEYS]  # every key, no other, in the table's order
+    for k in METADATA_KEYS:
+        cell = table[k.name]
+        if k.required:
+            assert cell.startswith("required"), f"{k.name}: documented as {cell!r}, but it is required"
+        elif k.default:
+            assert f"`{k.default}`" in cell, f"{k.name}: default {k.default} not in the docs ({cell!r})"
+        else:
+            assert cell, k.name
 
 
 @pytest.mark.parametrize(
@@ -89,3 +118,23 @@ def test_prometheus_mode_and_files(tmp_path: Path):
     with pytest.raises(MetadataError) as err:
         parse_scaler_metadata({**BASE, "latencyModel": str(bad)})
     assert err.value.key == "latencyModel" and "schema" in err.value.reason
+
+
+def test_latency_model_validation_uses_the_callers_loader(tmp_path: Path):
+    from kvscale.latency import load_latency_model
+
+    path = tmp_path / "m.json"
+    path.write_text(load_latency_model("llama-3.1-8b-h100").dumps())
+    calls: list[str] = []
+    s = parse_scaler_metadata({**BASE, "latencyModel": str(path)}, load_model=lambda p: calls.append(p))
+    assert s.latency_model == str(path) and calls == [str(path)]  # the file is read by the loader, once
+    parse_scaler_metadata(BASE, load_model=lambda p: calls.append(p))
+    assert calls == [str(path)]  # a built-in name is not loaded to validate it
+
+
+def test_pod_selector_uses_the_label_selector_grammar():
+    for ok in ("app=vllm", "app==vllm,tier!=x", "app in (a, b),!legacy", "role notin (prefill)", "example.com/pool=d"):
+        assert parse_scaler_metadata({**BASE, "podSelector": ok}).pod_selector == ok
+    for bad in ("a b c", "app=vllm,", "app=v@x", "-bad=x", "app in (a"):
+        with pytest.raises(MetadataError, match=r"^scalerMetadata\.podSelector: not a Kubernetes label selector"):
+            parse_scaler_metadata({**BASE, "podSelector": bad})

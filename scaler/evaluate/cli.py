@@ -1,0 +1,95 @@
+"""``kvscale eval scaling`` (registered by kvscale.cli): the arguments, and the run behind them.
+
+Importing this module loads neither the simulator nor the evaluation: building the parser reads the workload
+names (``simulator.workload``), and :func:`run_cli` imports the evaluation when the command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from kvscale.latency import DEFAULT_MODEL
+from scaler.evaluate import POLICIES, TRACES
+
+if TYPE_CHECKING:
+    from scaler.evaluate.run import EvalConfig
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``kvscale eval scaling``."""
+    ev = sub.add_parser("eval", help="evaluations on the virtual-clock simulator")
+    esub = ev.add_subparsers(dest="eval_command", required=True)
+    scaling = esub.add_parser("scaling", help="replay a trace under KEDA+HPA with kvscale and baseline policies")
+    add_eval_args(scaling)
+    scaling.set_defaults(func=run_cli)
+
+
+def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from simulator.workload import WORKLOADS  # the workload names (numpy only; not the engine)
+
+    p.add_argument("--trace", default="diurnal", choices=TRACES)
+    p.add_argument("--workload", default="chat", choices=list(WORKLOADS))
+    p.add_argument("--pools", default="aggregated", choices=("aggregated", "pd"))
+    p.add_argument("--startup-seconds", type=float, default=90.0, help="pod cold start (s)")
+    p.add_argument("--duration", type=float, default=3600.0, help="trace length (virtual s)")
+    p.add_argument("--rate", type=float, default=None, help="mean req/s (default: sized by --peak-replicas)")
+    p.add_argument("--peak-replicas", type=float, default=6.0, help="size the default rate so the peak needs this")
+    p.add_argument("--latency-model", default=DEFAULT_MODEL)
+    p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    p.add_argument("--itl-slo-ms", type=float, default=50.0)
+    p.add_argument("--slo-percentile", type=float, default=99.0, help="percentile the kvscale policy sizes for")
+    p.add_argument("--gpus-per-replica", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset")
+    p.add_argument("--metadata", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra scalerMetadata for kvscale (repeatable), e.g. stableWindowSeconds=120")  # fmt: skip
+    p.add_argument("--kvscale-hpa", default="committed", choices=("committed", "default"),
+                   help="HPA behaviour of kvscale: the committed ScaledObject's (deploy/overlays) or the Kubernetes "
+                        "defaults (kvscale-hpa-default always runs under the defaults)")  # fmt: skip
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--plot", default=None, help="write a PNG of load and replicas over time here")
+
+
+def config_from_args(args: argparse.Namespace) -> EvalConfig:
+    from scaler.evaluate.run import EvalConfig
+
+    md: dict[str, str] = {}
+    for item in args.metadata:
+        if "=" not in item:
+            raise ValueError(f"--metadata {item!r}: expected KEY=VALUE")
+        k, v = item.split("=", 1)
+        md[k] = v
+    return EvalConfig(
+        trace=args.trace, workload=args.workload, pools=args.pools, latency_model=args.latency_model,
+        startup_s=args.startup_seconds, duration_s=args.duration, rate=args.rate, peak_replicas=args.peak_replicas,
+        ttft_slo_ms=args.ttft_slo_ms, itl_slo_ms=args.itl_slo_ms, slo_percentile=args.slo_percentile,
+        seed=args.seed, gpus_per_replica=args.gpus_per_replica,
+        policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), metadata=md,
+        kvscale_hpa=args.kvscale_hpa,
+    )  # fmt: skip
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from kvscale.latency import LatencyModelError
+    from scaler.evaluate.report import goal_check, plot, print_table
+    from scaler.evaluate.run import Evaluation
+    from scaler.metadata import MetadataError
+
+    try:
+        ev = Evaluation(config_from_args(args))
+    except (ValueError, LookupError, MetadataError, LatencyModelError, OSError) as e:
+        print(f"kvscale eval scaling: {e}", file=sys.stderr)
+        return 2
+    res = ev.run(progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    res["goal"] = goal_check(res)
+    print_table(res)
+    if args.json:
+        Path(args.json).write_text(json.dumps({k: v for k, v in res.items() if k != "timelines"} | {
+            "timelines": res["timelines"]}, indent=1, default=float) + "\n")  # fmt: skip
+    if args.plot:
+        plot(res, args.plot)
+    return 0

@@ -1,0 +1,349 @@
+"""One evaluation: the trace, the SLO and the capacity model built once, then each policy on a fresh cluster."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from kvscale.latency import DEFAULT_MODEL, LatencyModel, load_latency_model
+from predictor.capacity import CapacityView
+from scaler.evaluate import KVSCALE_POLICIES, POLICIES, TRACES
+from scaler.evaluate.controllers import HpaController, KvscaleProducer, OracleController
+from scaler.evaluate.signals import VirtualSource
+from scaler.hpa import Hpa, HpaBehavior, committed_behavior
+from scaler.metadata import ScalerSettings, parse_scaler_metadata
+from scaler.policy import ScalingPolicy
+from simulator.cluster import Cluster, ClusterResult
+from simulator.engine import EngineConfig
+from simulator.scheduler import SchedulerConfig
+from simulator.workload import WORKLOADS, TraceRequest, build_trace
+
+
+@dataclass
+class EvalConfig:
+    trace: str = "diurnal"
+    workload: str = "chat"
+    pools: str = "aggregated"  # aggregated | pd
+    latency_model: str = DEFAULT_MODEL
+    startup_s: float = 90.0
+    duration_s: float = 3600.0
+    rate: float | None = None  # mean req/s; default: sized so the peak needs ``peak_replicas``
+    peak_replicas: float = 6.0
+    ttft_slo_ms: float = 1000.0
+    itl_slo_ms: float = 50.0
+    slo_percentile: float = 99.0
+    seed: int = 0
+    gpus_per_replica: int = 1
+    oracle_bucket_s: float = 60.0
+    policies: tuple[str, ...] = POLICIES
+    max_replicas: int = 64
+    metadata: dict[str, str] = field(default_factory=dict)  # extra scalerMetadata for kvscale
+    kvscale_hpa: str = "committed"  # committed: the ScaledObject's HPA behaviour | default: Kubernetes defaults
+
+    def pool_names(self) -> tuple[str, ...]:
+        return ("prefill", "decode") if self.pools == "pd" else ("aggregated",)
+
+
+def _peak_factor(cfg: EvalConfig) -> float:
+    """Peak rate / mean rate of the trace's arrival process (with the options used here)."""
+    if cfg.trace == "diurnal":
+        return 1.0 + 0.6
+    if cfg.trace == "step":
+        return 5.0 / (1.0 + 4.0 / 3.0)  # base x5 for the middle third; mean = base x 7/3
+    if cfg.trace == "bursty":
+        p = 30.0 / 150.0
+        return 4.0 / (1.0 + p * 3.0)
+    return 1.0
+
+
+class Evaluation:
+    """Builds the trace, the SLO and the capacity model once; runs each policy on a fresh cluster."""
+
+    def __init__(self, cfg: EvalConfig) -> None:
+        if cfg.trace not in TRACES:
+            raise ValueError(f"--trace: expected one of {', '.join(TRACES)}, got {cfg.trace!r}")
+        if cfg.workload not in WORKLOADS:
+            raise ValueError(f"--workload: expected one of {', '.join(WORKLOADS)}, got {cfg.workload!r}")
+        if cfg.pools not in ("aggregated", "pd"):
+            raise ValueError(f"--pools: expected aggregated or pd, got {cfg.pools!r}")
+        unknown = set(cfg.policies) - set(POLICIES)
+        if unknown:
+            raise ValueError(f"--policies: unknown {sorted(unknown)}; valid: {', '.join(POLICIES)}")
+        if cfg.kvscale_hpa not in ("committed", "default"):
+            raise ValueError(f"--kvscale-hpa: expected committed or default, got {cfg.kvscale_hpa!r}")
+        self.cfg = cfg
+        self._committed: dict[str, HpaBehavior] = {}
+        if cfg.kvscale_hpa == "committed" and {"kvscale", "kvscale-noforecast"} & set(cfg.policies):
+            self._committed = {p: committed_behavior(p) for p in cfg.pool_names()}
+        self.model: LatencyModel = load_latency_model(cfg.latency_model)
+        self.spec = WORKLOADS[cfg.workload]
+        self.max_model_len = self.spec.max_input_len + self.spec.max_output_len
+        self.settings = {p: self._settings(p) for p in cfg.pool_names()}
+        self.views = {
+            p: CapacityView(self.model, ScalingPolicy(s, self.model).slo, s.max_num_seqs)
+            for p, s in self.settings.items()
+        }
+        self.rate = cfg.rate if cfg.rate is not None else self._default_rate()
+        self.trace = build_trace(cfg.trace, cfg.workload, self.rate, cfg.duration_s, seed=cfg.seed)
+        if not self.trace:
+            raise ValueError("the trace is empty: raise --rate or --duration")
+        self.schedules = {p: self._oracle_schedule(p) for p in cfg.pool_names()}
+
+    def _settings(self, pool: str) -> ScalerSettings:
+        c = self.cfg
+        md = {
+            "pool": pool, "model": "eval", "latencyModel": c.latency_model, "ttftSloMs": str(c.ttft_slo_ms),
+            "itlSloMs": str(c.itl_slo_ms), "sloPercentile": str(c.slo_percentile), "podUrls": "http://virtual",
+            "startupSeconds": str(c.startup_s), **c.metadata,
+        }  # fmt: skip
+        # the model file was loaded above: validating it again need not read it again
+        return parse_scaler_metadata(md, load_model=lambda spec: self.model if spec == c.latency_model
+                                     else load_latency_model(spec))  # fmt: skip
+
+    def _need(self, pool: str, rate: float, isl: float, osl: float, cached: float = 0.0) -> float:
+        if rate <= 0:
+            return 0.0
+        cap = self.views[pool].per_replica(pool, isl, osl, cached) * self.settings[pool].target_utilization
+        if cap <= 0:
+            return math.inf
+        if pool == "prefill":
+            units = rate * max(1.0, isl * (1.0 - cached))
+        elif pool == "decode":
+            units = rate * osl
+        else:
+            units = rate
+        return units / cap
+
+    def _default_rate(self) -> float:
+        """Mean rate such that the trace's peak needs about ``peak_replicas`` of the bottleneck pool."""
+        isl, osl = self.spec.sample(20000, np.random.default_rng(1))
+        per_rps = max(self._need(p, 1.0, float(isl.mean()), float(osl.mean())) for p in self.cfg.pool_names())
+        return self.cfg.peak_replicas / per_rps / _peak_factor(self.cfg)
+
+    def _oracle_schedule(self, pool: str) -> np.ndarray:
+        b = self.cfg.oracle_bucket_s
+        n = math.ceil(self.cfg.duration_s / b) + 1
+        t = np.array([r.arrival_s for r in self.trace])
+        isl = np.array([r.input_len for r in self.trace], dtype=np.float64)
+        osl = np.array([r.output_len for r in self.trace], dtype=np.float64)
+        idx = (t // b).astype(np.int64)
+        counts = np.bincount(idx, minlength=n)
+        isl_sum = np.bincount(idx, weights=isl, minlength=n)
+        osl_sum = np.bincount(idx, weights=osl, minlength=n)
+        cached = 0.0
+        if self.spec.shared_prefix:  # steady state: every tenant's prefix is cached
+            cached = min(0.98, (self.spec.prefix_len // 16 * 16) / max(float(isl.mean()), 1.0))
+        out = np.ones(n, dtype=np.int64)
+        for i in range(n):
+            if counts[i]:
+                need = self._need(pool, counts[i] / b, isl_sum[i] / counts[i], osl_sum[i] / counts[i], cached)
+                out[i] = max(1, math.ceil(need - 1e-9))
+        return np.minimum(out, self.cfg.max_replicas)
+
+    def _cluster(self, replicas: dict[str, int]) -> Cluster:
+        kv = self.model.extra.get("kv_cache")
+        block = int(kv.get("block_size", 16)) if isinstance(kv, dict) else 16
+        max_seqs = next(iter(self.settings.values())).max_num_seqs
+        config = EngineConfig(
+            scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_model_len=self.max_model_len),
+            block_size=block,
+            num_gpu_blocks=self.model.num_gpu_blocks(),
+            materialize_outputs=False,
+        )
+        return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s)
+
+    def initial(self) -> dict[str, int]:
+        oracle = OracleController(self.schedules, self.cfg.oracle_bucket_s, self.cfg.startup_s)
+        return {p: oracle.target(p, 0.0) for p in self.cfg.pool_names()}
+
+    def run_policy(self, name: str) -> tuple[ClusterResult, int, float]:
+        """Run one policy; returns the cluster result, its scale events and the wall seconds."""
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        pools = cfg.pool_names()
+        if name == "static-peak":
+            cluster = self._cluster({p: int(self.schedules[p].max()) for p in pools})
+            result = cluster.run(self.trace)
+            return result, 0, time.perf_counter() - t0
+        init = self.initial()
+        cluster = self._cluster(init)
+        controller: HpaController | OracleController
+        behaviors = self.hpa_behaviors(name)
+        if name == "oracle":
+            controller = OracleController(self.schedules, cfg.oracle_bucket_s, cfg.startup_s)
+        elif name in KVSCALE_POLICIES:
+            producers = []
+            hpas = []
+            for p in pools:
+                policy = ScalingPolicy(self.settings[p], self.model, forecast=name != "kvscale-noforecast")
+                prod = KvscaleProducer(policy, VirtualSource(cluster, p, self.settings[p], self.max_model_len), cluster)
+                producers.append(prod)
+                hpas.append(Hpa(p, prod.metric, 1.0, behavior=behaviors[p] or HpaBehavior(), spec=init[p],
+                                max_replicas=cfg.max_replicas))  # fmt: skip
+
+            def before(now: float) -> None:
+                for prod in producers:
+                    prod(now)
+
+            controller = HpaController(hpas, before)
+        elif name == "keda-queue":
+            hpas = [
+                Hpa(p, self._sum_waiting(cluster, p), 5.0, behavior=behaviors[p] or HpaBehavior(), spec=init[p],
+                    max_replicas=cfg.max_replicas)
+                for p in pools
+            ]  # fmt: skip
+            controller = HpaController(hpas)
+        elif name == "hpa-kv":
+            hpas = [
+                Hpa(p, self._avg_kv(cluster, p), 0.7, kind="pods", behavior=behaviors[p] or HpaBehavior(), spec=init[p],
+                    max_replicas=cfg.max_replicas, ready=self._ready(cluster, p))
+                for p in pools
+            ]  # fmt: skip
+            controller = HpaController(hpas)
+        else:
+            raise ValueError(f"unknown policy {name!r}")
+        result = cluster.run(self.trace, controller=controller)
+        return result, controller.events, time.perf_counter() - t0
+
+    def hpa_behaviors(self, name: str) -> dict[str, HpaBehavior | None]:
+        """The HPA behaviour a policy runs under, per pool (None: no HPA). ``kvscale`` and ``kvscale-noforecast``
+        get the committed ScaledObject's (or ``EvalConfig.kvscale_hpa`` = "default": the Kubernetes defaults);
+        the baselines and ``kvscale-hpa-default`` the Kubernetes defaults, as their recipes set no behaviour."""
+        pools = self.cfg.pool_names()
+        if name in ("static-peak", "oracle"):
+            return dict.fromkeys(pools)
+        if name in ("kvscale", "kvscale-noforecast") and self.cfg.kvscale_hpa == "committed":
+            return {p: self._committed[p] for p in pools}
+        return {p: HpaBehavior() for p in pools}
+
+    def reactive_attainment_bound(self, grid_s: float = 1.0) -> float:
+        """Upper bound on the SLO attainment of any reactive policy without standing headroom.
+
+        Such a policy learns of demand one signal interval after it arrives, and its new pods serve a cold start
+        later. Give it every advantage: it asks exactly for the largest need seen over the last cold start
+        (:class:`OracleController` with ``reaction_delay_s``); those replicas serve ``startup_s`` later and run at
+        the model's *full* capacity (no ``targetUtilization`` headroom); they form one perfectly balanced queue
+        that gives up at once on a request it cannot start within the TTFT SLO (no request waits behind a hopeless
+        one); only TTFT counts. A fluid queue over ``grid_s`` cells counts what fails. Per pool; the bound is the
+        lowest (a request needs every pool of its path). A forecaster can beat it on *predictable* load (a
+        diurnal ramp); on sudden steps and bursts it is what a cold start leaves reachable.
+        """
+        cfg = self.cfg
+        t = np.array([r.arrival_s for r in self.trace])
+        isl = np.array([r.input_len for r in self.trace], dtype=np.float64)
+        osl = np.array([r.output_len for r in self.trace], dtype=np.float64)
+        n = math.ceil(cfg.duration_s / grid_s) + 1
+        arrivals = np.bincount((t // grid_s).astype(np.int64), minlength=n).astype(np.float64)
+        b = cfg.oracle_bucket_s
+        bidx = (t // b).astype(np.int64)
+        cnt = np.bincount(bidx)
+        mean_isl = np.bincount(bidx, weights=isl) / np.maximum(cnt, 1)
+        mean_osl = np.bincount(bidx, weights=osl) / np.maximum(cnt, 1)
+        ttft = cfg.ttft_slo_ms / 1000.0
+        late = OracleController(self.schedules, b, cfg.startup_s,
+                                reaction_delay_s=next(iter(self.settings.values())).signal_interval_s)  # fmt: skip
+        bound = 1.0
+        for pool in cfg.pool_names():
+            util = self.settings[pool].target_utilization
+            q = failed = 0.0
+            for k in range(n):
+                now = k * grid_s
+                i = min(int(now // b), len(cnt) - 1)
+                per_rps = self._need(pool, 1.0, float(mean_isl[i] or isl.mean()), float(mean_osl[i] or osl.mean()))
+                serving = late.target(pool, max(0.0, now - cfg.startup_s))  # asked a cold start ago
+                cap_rps = serving / (per_rps * util) if per_rps > 0 else math.inf  # at full capacity
+                q += arrivals[k]
+                if q > cap_rps * ttft:  # what cannot start within the TTFT SLO fails, and is dropped
+                    failed += q - cap_rps * ttft
+                    q = cap_rps * ttft
+                q = max(0.0, q - cap_rps * grid_s)
+            bound = min(bound, 1.0 - float(failed) / len(self.trace))
+        return float(bound)
+
+    @staticmethod
+    def _ready(cluster: Cluster, pool: str) -> Callable[[float], int]:
+        def ready(now: float) -> int:
+            return sum(1 for r in cluster.pool_replicas(pool) if r.serving(now))
+
+        return ready
+
+    @staticmethod
+    def _sum_waiting(cluster: Cluster, pool: str) -> Callable[[float], float | None]:
+        def metric(now: float) -> float | None:
+            pods = [r for r in cluster.pool_replicas(pool) if r.serving(now)]
+            return float(sum(r.synced_waiting for r in pods)) if pods else None
+
+        return metric
+
+    @staticmethod
+    def _avg_kv(cluster: Cluster, pool: str) -> Callable[[float], float | None]:
+        def metric(now: float) -> float | None:
+            pods = [r for r in cluster.pool_replicas(pool) if r.serving(now)]
+            return sum(r.synced_kv_usage for r in pods) / len(pods) if pods else None
+
+        return metric
+
+    def summarize(self, result: ClusterResult, events: int) -> dict[str, float]:
+        s = result.summary()
+        ttft_slo, itl_slo = self.cfg.ttft_slo_ms / 1000.0, self.cfg.itl_slo_ms / 1000.0
+        return {
+            "gpu_hours": s["replica_hours"] * self.cfg.gpus_per_replica,
+            "slo_attainment": result.slo_attainment(ttft_slo, itl_slo),
+            "ttft_p90_s": s["ttft_p90_s"],
+            "ttft_p99_s": s["ttft_p99_s"],
+            "itl_p90_s": s["itl_p90_s"],
+            "scale_events": int(events),
+        }
+
+    def run(self, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "trace": self.cfg.trace,
+            "workload": self.cfg.workload,
+            "pools": self.cfg.pools,
+            "latency_model": self.model.name,
+            "rate_rps": self.rate,
+            "duration_s": self.cfg.duration_s,
+            "requests": len(self.trace),
+            "startup_s": self.cfg.startup_s,
+            "slo": {"ttft_s": self.cfg.ttft_slo_ms / 1000, "itl_s": self.cfg.itl_slo_ms / 1000,
+                    "percentile": self.cfg.slo_percentile},  # fmt: skip
+            "policies": {},
+            "hpa": {},
+            "timelines": {},
+        }
+        for name in self.cfg.policies:
+            result, events, wall = self.run_policy(name)
+            out["policies"][name] = self.summarize(result, events)
+            out["policies"][name]["wall_s"] = wall
+            out["timelines"][name] = _total_timeline(result, self.cfg.pool_names())
+            out["hpa"][name] = {p: b.describe() if b is not None else "no HPA (sets replicas directly)"
+                                for p, b in self.hpa_behaviors(name).items()}  # fmt: skip
+            if progress:
+                progress(f"{name}: {wall:.1f}s wall")
+        out["load"] = _load_series(self.trace, 60.0)
+        out["reactive_bound"] = {"slo_attainment": self.reactive_attainment_bound(),
+                                 "reaction_s": next(iter(self.settings.values())).signal_interval_s
+                                 + self.cfg.startup_s}  # fmt: skip
+        return out
+
+
+def _total_timeline(result: ClusterResult, pools: tuple[str, ...]) -> list[tuple[float, int]]:
+    """(time, replicas paid for across pools) at every change."""
+    last = dict.fromkeys(pools, 0)
+    series: list[tuple[float, int]] = []
+    for t, pool, _serving, total in result.timeline:
+        if pool in last:
+            last[pool] = total
+            series.append((t, sum(last.values())))
+    return series
+
+
+def _load_series(trace: list[TraceRequest], bucket_s: float) -> list[tuple[float, float]]:
+    t = np.array([r.arrival_s for r in trace])
+    counts = np.bincount((t // bucket_s).astype(np.int64))
+    return [(i * bucket_s, c / bucket_s) for i, c in enumerate(counts.tolist())]

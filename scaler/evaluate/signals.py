@@ -1,0 +1,55 @@
+"""Signals inside the virtual clock: what the scaler's pod scraper would read from the simulated replicas.
+
+Each replica's request counters (:class:`~simulator.metrics.ReplicaCounters`) and engine state become the same
+:class:`~kvscale.engine_stats.EngineStats` a live pod's ``/metrics`` page parses to, and go through the same
+:class:`~scaler.signals.PodHistory` as in production.
+"""
+
+from __future__ import annotations
+
+from kvscale.engine_stats import EngineStats
+from scaler.metadata import ScalerSettings
+from scaler.signals import PodHistory, PoolSignals
+from simulator.cluster import Cluster, Replica
+from simulator.metrics import ReplicaCounters, request_tokens_buckets
+from simulator.request import Request
+
+
+class VirtualSource:
+    """Pool signals from the replicas of a virtual-clock cluster, through the same :class:`PodHistory` as live.
+
+    It sees what pod discovery would: the pool's ready, non-draining replicas (Kubernetes removes a terminating
+    pod from the endpoints). Register it before ``cluster.run`` (it adds a finish listener).
+    """
+
+    def __init__(self, cluster: Cluster, pool: str, settings: ScalerSettings, max_model_len: int) -> None:
+        self.cluster, self.pool = cluster, pool
+        self.history = PodHistory(settings.latency_window_s)
+        self._buckets = request_tokens_buckets(max_model_len)
+        self._metrics: dict[int, ReplicaCounters] = {}
+        cluster.finish_listeners.append(self._on_finish)
+
+    def _m(self, replica_id: int) -> ReplicaCounters:
+        m = self._metrics.get(replica_id)
+        if m is None:
+            m = self._metrics[replica_id] = ReplicaCounters(self._buckets)
+        return m
+
+    def _on_finish(self, r: Replica, req: Request) -> None:
+        if r.pool == self.pool:
+            self._m(r.replica_id).on_finish(req)
+
+    def stats(self, r: Replica, now: float) -> EngineStats:
+        e, m = r.engine, self._m(r.replica_id)
+        return EngineStats(
+            engine="vllm", at=now, running=float(e.num_running), waiting=float(e.num_waiting),
+            kv_usage=e.kv.usage, prompt_tokens_total=float(e.prompt_tokens_total),
+            generation_tokens_total=float(e.generation_tokens_total), requests_finished_total=float(m.finished),
+            prefix_queries_total=float(e.kv.prefix_queries), prefix_hits_total=float(e.kv.prefix_hits),
+            ttft=m.ttft.snapshot(), itl=m.itl.snapshot(), prompt_len=m.isl.snapshot(), output_len=m.osl.snapshot(),
+        )  # fmt: skip
+
+    def read(self, now: float) -> PoolSignals:
+        # Engines are as of the cluster's last state sync (<= 0.2 s ago), like a scrape that takes a moment.
+        pods = [r for r in self.cluster.pool_replicas(self.pool) if r.serving(now)]
+        return self.history.update({r.replica_id: self.stats(r, now) for r in pods}, now)
