@@ -23,12 +23,13 @@ from typing import Any
 
 log = logging.getLogger("kvscale.podwatch")
 
-__all__ = ["PodWatch", "pod_host", "pod_ready"]
+__all__ = ["PodWatch", "pod_field", "pod_host", "pod_ready"]
 
 Pods = dict[str, Any]  # pod name -> the pod (a V1Pod), Ready pods only
 
 
-def _get(obj: Any, *path: str) -> Any:
+def pod_field(obj: Any, *path: str) -> Any:
+    """``obj.a.b`` of a ``V1Pod`` (snake_case attributes) or of its dict form; None where a step is missing."""
     for p in path:
         if obj is None:
             return None
@@ -39,23 +40,23 @@ def _get(obj: Any, *path: str) -> Any:
 def pod_ready(pod: Any) -> bool:
     """Running, Ready condition True, with a pod IP, not being deleted: what an Endpoints controller requires.
     Takes a ``V1Pod`` or its ``to_dict()`` form."""
-    if _get(pod, "metadata", "deletion_timestamp") is not None or not _get(pod, "status", "pod_ip"):
+    if pod_field(pod, "metadata", "deletion_timestamp") is not None or not pod_field(pod, "status", "pod_ip"):
         return False
-    if _get(pod, "status", "phase") != "Running":
+    if pod_field(pod, "status", "phase") != "Running":
         return False
-    conditions = _get(pod, "status", "conditions") or []
-    return any(_get(c, "type") == "Ready" and _get(c, "status") == "True" for c in conditions)
+    conditions = pod_field(pod, "status", "conditions") or []
+    return any(pod_field(c, "type") == "Ready" and pod_field(c, "status") == "True" for c in conditions)
 
 
 def pod_host(pod: Any) -> str:
     """The pod IP as a URL host (an IPv6 address in brackets)."""
-    ip = str(_get(pod, "status", "pod_ip"))
+    ip = str(pod_field(pod, "status", "pod_ip"))
     return f"[{ip}]" if ":" in ip else ip
 
 
 def _version(pod: Any) -> Any:
     """What identifies one state of a pod: its resourceVersion (the object itself where it has none)."""
-    return _get(pod, "metadata", "resource_version") or id(pod)
+    return pod_field(pod, "metadata", "resource_version") or id(pod)
 
 
 class PodWatch:
@@ -151,7 +152,7 @@ class PodWatch:
             self.on_change(dict(pods))
 
     def _apply(self, kind: str, pod: Any) -> None:
-        name = _get(pod, "metadata", "name")
+        name = pod_field(pod, "metadata", "name")
         with self._lock:
             pods = dict(self._pods or {})
         if kind != "DELETED" and pod_ready(pod):

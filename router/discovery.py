@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from kvscale.podwatch import PodWatch, pod_host, pod_ready
+from kvscale.podwatch import PodWatch, pod_field, pod_host, pod_ready
 from router.backends import ROLES, BackendSpec
 
 log = logging.getLogger("kvscale.router.discovery")
@@ -41,20 +41,12 @@ class StaticDiscovery:
         pass
 
 
-def _get(obj: Any, *path: str) -> Any:
-    for p in path:
-        if obj is None:
-            return None
-        obj = obj.get(p) if isinstance(obj, dict) else getattr(obj, p, None)
-    return obj
-
-
 def pod_to_spec(pod: Any, default_port: int) -> BackendSpec | None:
     """A Ready pod (:func:`~kvscale.podwatch.pod_ready`) → a BackendSpec; else None. Accepts V1Pod or its dict."""
     if not pod_ready(pod):
         return None
-    labels = dict(_get(pod, "metadata", "labels") or {})
-    annotations = _get(pod, "metadata", "annotations") or {}
+    labels = dict(pod_field(pod, "metadata", "labels") or {})
+    annotations = pod_field(pod, "metadata", "annotations") or {}
     port = annotations.get(PORT_ANNOTATION, "")
     port_num = int(port) if str(port).isdigit() else default_port
     role = next((labels[k] for k in ROLE_LABELS if k in labels), "both")
