@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from aiohttp import web
+from router.runner import serve
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None, handler_cancellation=True)
+    serve(create_app(config), config.host, config.port, header_timeout_s=config.header_timeout_s)
     return 0
 
 

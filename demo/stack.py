@@ -155,10 +155,9 @@ class FilePods:
 def _router_main(argv: list[str]) -> int:
     import random
 
-    from aiohttp import web
-
     from router.app import create_app
     from router.cli import add_serve_args, build_config
+    from router.runner import serve
 
     p = argparse.ArgumentParser(prog="demo.stack router")
     add_serve_args(p)
@@ -168,7 +167,7 @@ def _router_main(argv: list[str]) -> int:
     config = build_config(args)
     app = create_app(config, rng=random.Random(args.seed), discovery=FileDiscovery(args.pods_file))
     print(f"demo router on http://{config.host}:{config.port} (pods from {args.pods_file})", flush=True)
-    web.run_app(app, host=config.host, port=config.port, print=None, handler_cancellation=True, access_log=None)
+    serve(app, config.host, config.port, header_timeout_s=config.header_timeout_s)
     return 0
 
 

@@ -49,7 +49,9 @@ class FallbackTokenizer:
     eos_token_id = None
 
     def encode_prompt(self, text: str) -> list[int]:
-        return [1000 + xxhash.xxh32_intdigest(p.encode()) % 29000 for p in _PIECE.findall(text)]
+        # surrogatepass: a lone surrogate (JSON "\\ud800") is text a client may send, not a crash
+        pieces = _PIECE.findall(text)
+        return [1000 + xxhash.xxh32_intdigest(p.encode("utf-8", "surrogatepass")) % 29000 for p in pieces]
 
     def render_chat(self, messages: list[dict[str, Any]]) -> str:
         parts = [f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n" for m in messages]

@@ -188,6 +188,13 @@ async def _errors_middleware(request: web.Request, handler) -> web.StreamRespons
     if request.path.startswith("/v1/") and state.keys.enabled and not state.keys.check(
         request.headers.get("Authorization")
     ):
+        # counted and logged like any answer, so that key guessing shows on dashboards and in the audit log
+        state.metrics.request_counter("other", "none", "none", 401).inc()
+        state.metrics.auth_failures.inc()
+        if state.governance.enabled:
+            state.governance.write({"ts": round(time.time(), 3), "request_id": request.headers.get("x-request-id"),
+                                    "endpoint": request.path, "backend": None, "policy": None, "status": 401,
+                                    "error": "unauthorized", "remote": request.remote})  # fmt: skip
         return ApiError(401, "missing or invalid API key (Authorization: Bearer KEY)", None).response()
     try:
         return await handler(request)
@@ -215,9 +222,36 @@ async def _read_json(request: web.Request, limit: int) -> tuple[bytes, Any]:
     except web.HTTPRequestEntityTooLarge:
         raise ApiError(413, f"request body exceeds the limit of {limit} bytes", None) from None
     try:
-        return raw, json.loads(raw)
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None) from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the request body is not valid JSON: {exc}", None) from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise ApiError(400, f"the request body nests deeper than {MAX_JSON_DEPTH} levels", None)
+    return raw, body
+
+
+MAX_JSON_DEPTH = 64  # OpenAI bodies nest a few levels (tool schemas a dozen); deeper is an attack or a bug
+
+
+def _reject_constant(name: str) -> float:
+    """``NaN``, ``Infinity`` and ``-Infinity`` are not JSON (RFC 8259); vLLM's parser rejects them too."""
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+def _depth_exceeds(obj: Any, limit: int) -> bool:
+    """True if ``obj`` nests containers deeper than ``limit`` (iterative: no recursion on hostile input)."""
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, dict | list))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, dict | list))
+    return False
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -267,6 +301,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
 def _account(state: RouterState, ctx: RequestContext | None, policy: str, status: int, duration: float,
              rid: str) -> None:  # fmt: skip
     rec = ctx.state.get("_log", {}) if ctx is not None else {}
+    status = rec.get("status", status)  # a stream that failed after its first byte: 200 on the wire, 502 here
     backend = rec.get("backend", "none")
     model = state.model_label(ctx.model) if ctx is not None else "other"
     state.metrics.request_counter(model, backend, policy, status).inc()
@@ -290,6 +325,7 @@ def _account(state: RouterState, ctx: RequestContext | None, policy: str, status
         "duration_s": round(duration, 6),
         "attempts": len(ctx.tried) if ctx is not None else 0,
         "status": status,
+        "error": rec.get("error"),
     }
     state.governance.write(entry)
 

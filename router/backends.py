@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from yarl import URL
 
@@ -68,6 +69,9 @@ class EjectionPolicy:
     consecutive_failures: int = 3
     base_s: float = 1.0
     max_s: float = 60.0
+    # At most this share of the pool ejected at once; at least one backend may always be (Envoy's outlier
+    # detection ``max_ejection_percent``, default 10): a fault that looks like every backend's cannot empty the pool.
+    max_percent: float = 10.0
 
 
 @dataclass(eq=False)
@@ -89,7 +93,16 @@ class Backend:
     ejections: int = 0  # since last success
     ejected_until: float = 0.0
     requests_total: int = 0
+    attempts: set[Any] = field(default_factory=set, repr=False)  # router.proxy.AttemptGuard of each attempt in flight
     _urls: dict[str, URL] = field(default_factory=dict, repr=False)  # parsed endpoint URLs, by path
+
+    def abort_attempts(self) -> int:
+        """Fire the deadline of every attempt in flight here (the backend left rotation): those that had not
+        started are retried elsewhere, started streams end with an SSE error event. Returns how many."""
+        guards = list(self.attempts)
+        for g in guards:
+            g.abort()
+        return len(guards)
 
     def endpoint(self, path: str) -> URL:
         """``url + path`` as a parsed URL, cached (the HTTP client then skips parsing it per request)."""
@@ -178,6 +191,11 @@ class BackendPool:
         return {m for b in self.backends.values() if not healthy_only or b.available(now) for m in b.models}
 
     # -- passive outlier detection --------------------------------------------------------------------------
+    def _may_eject(self, now: float) -> bool:
+        """One more ejection keeps the ejected share within ``max_percent`` (or it is the first one)."""
+        ejected = sum(1 for b in self.backends.values() if now < b.ejected_until)
+        return ejected == 0 or 100.0 * (ejected + 1) / max(len(self.backends), 1) <= self.ejection.max_percent
+
     def record_success(self, b: Backend) -> None:
         b.consecutive_failures = 0
         b.ejections = 0
@@ -188,7 +206,7 @@ class BackendPool:
         now = self.clock()
         # After an ejection period one more failure (the re-probe) ejects again, for twice as long.
         threshold = 1 if b.ejections else self.ejection.consecutive_failures
-        if b.consecutive_failures >= threshold and now >= b.ejected_until:
+        if b.consecutive_failures >= threshold and now >= b.ejected_until and self._may_eject(now):
             b.ejections += 1
             period = min(self.ejection.max_s, self.ejection.base_s * 2 ** (b.ejections - 1))
             b.ejected_until = now + period

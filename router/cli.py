@@ -41,6 +41,8 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="consecutive failures that eject a backend")
     g.add_argument("--eject-base-s", type=float, default=_env("eject-base-s", 1.0, float))
     g.add_argument("--eject-max-s", type=float, default=_env("eject-max-s", 60.0, float))
+    g.add_argument("--max-ejection-percent", type=float, default=_env("max-ejection-percent", 10.0, float),
+                   help="most of the pool ejected at once (at least one backend may always be), as Envoy's")
     g = p.add_argument_group("proxy")
     g.add_argument("--max-attempts", type=int, default=_env("max-attempts", 3, int))
     g.add_argument("--retry-backoff-s", type=float, default=_env("retry-backoff-s", 0.02, float))
@@ -50,6 +52,12 @@ def add_serve_args(p: argparse.ArgumentParser) -> None:
                    help="max silence between upstream chunks")
     g.add_argument("--request-timeout-s", type=float, default=_env("request-timeout-s", 0.0, float),
                    help="total time per attempt (0 = none)")
+    g.add_argument("--first-byte-timeout-s", type=float, default=_env("first-byte-timeout-s", 120.0, float),
+                   help="streamed requests: max time to the first chunk, then retried elsewhere (0 = none)")
+    g.add_argument("--stream-idle-timeout-s", type=float, default=_env("stream-idle-timeout-s", 60.0, float),
+                   help="started streams: max silence between chunks, then an SSE error event (0 = none)")
+    g.add_argument("--header-timeout-s", type=float, default=_env("header-timeout-s", 10.0, float),
+                   help="clients: max time to send a complete request head (0 = none)")
     g = p.add_argument_group("limits and security")
     g.add_argument("--max-concurrency", type=int, default=_env("max-concurrency", 4096, int))
     g.add_argument("--max-queue", type=int, default=_env("max-queue", 1024, int))
@@ -85,13 +93,16 @@ def build_config(args: argparse.Namespace):
         health_interval_s=args.health_interval_s,
         health_timeout_s=args.health_timeout_s,
         health_failure_threshold=args.health_failure_threshold,
-        ejection=EjectionPolicy(args.eject_failures, args.eject_base_s, args.eject_max_s),
+        ejection=EjectionPolicy(args.eject_failures, args.eject_base_s, args.eject_max_s, args.max_ejection_percent),
         max_attempts=args.max_attempts,
         retry_backoff_s=args.retry_backoff_s,
         retry_backoff_max_s=args.retry_backoff_max_s,
         connect_timeout_s=args.connect_timeout_s,
         read_timeout_s=args.read_timeout_s,
         request_timeout_s=args.request_timeout_s,
+        first_byte_timeout_s=args.first_byte_timeout_s,
+        stream_idle_timeout_s=args.stream_idle_timeout_s,
+        header_timeout_s=args.header_timeout_s,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         queue_timeout_s=args.queue_timeout_s,
@@ -105,10 +116,9 @@ def serve_main(args: argparse.Namespace) -> int:
     import logging
     import random
 
-    from aiohttp import web
-
     from router.app import create_app
     from router.policies import PluginConfigError
+    from router.runner import serve
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -125,8 +135,7 @@ def serve_main(args: argparse.Namespace) -> int:
         pass
     print(f"kvscale router: http://{config.host}:{config.port} policy={config.policy} "
           f"backends={[b.url for b in config.backends] or config.k8s_selector}", flush=True)  # fmt: skip
-    web.run_app(app, host=config.host, port=config.port, print=None, handler_cancellation=True,
-                access_log=None, backlog=2048)  # fmt: skip
+    serve(app, config.host, config.port, header_timeout_s=config.header_timeout_s)
     return 0
 
 

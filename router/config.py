@@ -35,7 +35,10 @@ class RouterConfig:
     retry_backoff_s: float = 0.02
     retry_backoff_max_s: float = 0.5
     connect_timeout_s: float = 5.0
-    read_timeout_s: float = 300.0  # max silence between upstream chunks
+    read_timeout_s: float = 300.0  # max silence between upstream chunks (socket level)
+    first_byte_timeout_s: float = 120.0  # streamed requests: to the first SSE chunk (0 = none)
+    stream_idle_timeout_s: float = 60.0  # started streams: max silence between chunks (0 = none)
+    header_timeout_s: float = 10.0  # clients: to send a complete request head (slowloris guard; 0 = none)
     request_timeout_s: float = 0.0  # total per attempt; 0 = none
     # limits and security
     max_concurrency: int = 4096
@@ -60,3 +63,8 @@ class RouterConfig:
         for name in ("scrape_interval_s", "health_interval_s", "connect_timeout_s", "read_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0")
+        for name in ("first_byte_timeout_s", "stream_idle_timeout_s", "header_timeout_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 = no limit)")
+        if not 0 <= self.ejection.max_percent <= 100:
+            raise ValueError("max_ejection_percent must be in [0, 100]")

@@ -44,12 +44,19 @@ class RouterMetrics:
         self.retries = Counter(
             "kvscale_router_retries", "Attempts retried on another backend, by reason", ["reason"], registry=r
         )
+        self.failures = Counter(
+            "kvscale_router_failures", "Failed attempts and streams, by reason (connect, timeout, first_byte_timeout, "
+            "backend_down, 5xx, empty, client_fault, stream, stream_idle_timeout)", ["reason"], registry=r,
+        )
         self.ejections = Counter(
             "kvscale_router_ejections", "Passive outlier ejections, by backend", ["backend"], registry=r
         )
         self.rejected = Counter(
             "kvscale_router_rejected", "Requests refused for overload (429 queue full, 503 queue timeout)",
             ["reason"], registry=r,
+        )
+        self.auth_failures = Counter(
+            "kvscale_router_auth_failures", "Requests refused for a missing or invalid API key (401)", registry=r
         )
         self.in_flight = Gauge("kvscale_router_in_flight", "Requests being proxied now", registry=r)
         self.queued = Gauge("kvscale_router_queued", "Requests waiting for a concurrency slot", registry=r)

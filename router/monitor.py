@@ -113,8 +113,10 @@ class BackendMonitor:
         else:
             b.health_failures += 1
             if b.health_failures >= self.health_failure_threshold and b.healthy:
-                log.warning("backend %s failed %d health checks: out of rotation", b.url, b.health_failures)
                 b.healthy = False
+                aborted = b.abort_attempts()
+                log.warning("backend %s failed %d health checks: out of rotation (%d requests in flight there "
+                            "aborted)", b.url, b.health_failures, aborted)  # fmt: skip
 
     async def refresh_models(self, b: Backend) -> None:
         try:

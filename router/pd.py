@@ -30,7 +30,7 @@ from aiohttp import web
 from router.errors import ApiError
 from router.policies import Pipeline, Services
 from router.policies.kv_events import KVEventsScorer
-from router.proxy import RetryableFailure, backoff_delay, post_json, route_with_retries
+from router.proxy import FailureLedger, RetryableFailure, backoff_delay, passthrough, post_json, route_with_retries
 from router.state import RouterState
 
 if TYPE_CHECKING:
@@ -86,6 +86,7 @@ async def handle_pd(
     pbody = prefill_body(ctx.body)
     params: dict[str, Any] | None = None
     last = "no prefill backend available"
+    ledger = FailureLedger(state)
     for n in range(1, cfg.max_attempts + 1):
         candidates = [b for b in state.pool.available(ctx.model, PREFILL_ROLES) if b.url not in ctx.tried]
         if not candidates:
@@ -95,8 +96,11 @@ async def handle_pd(
         result = await post_json(state, backend, path, pbody, ctx)
         if isinstance(result, RetryableFailure):
             last = result.detail
-            state.pool.record_failure(backend)
             log.info("request %s: prefill on %s failed (%s)", ctx.request_id, backend.url, result.detail)
+            if ledger.failed(backend, result):  # the request's fault: no other prefill pod will do better
+                if result.client_fault:
+                    return passthrough(result, ctx, backend)
+                break
             if n < cfg.max_attempts:
                 state.metrics.retries.labels(f"prefill_{result.reason}").inc()
                 await asyncio.sleep(backoff_delay(n, cfg.retry_backoff_s, cfg.retry_backoff_max_s, state.rng))
@@ -106,6 +110,7 @@ async def handle_pd(
             err = answer.get("error", {}) if isinstance(answer, dict) else {}
             raise ApiError(status, str(err.get("message") or answer)[:2000], err.get("param"))
         state.pool.record_success(backend)
+        ledger.succeeded()
         params = answer.get("kv_transfer_params") if isinstance(answer, dict) else None
         if not isinstance(params, dict):
             last = f"{backend.url} returned no kv_transfer_params (is it a prefill instance?)"

@@ -35,10 +35,9 @@ class KeyChecker:
     def check(self, authorization: str | None) -> bool:
         """True if the header carries one of the keys. Every key is compared (no early exit), each in constant
         time, so timing reveals neither which key matched nor how much of one."""
-        if not authorization or not authorization.startswith("Bearer "):
-            presented = b""
-        else:
-            presented = authorization[7:].strip().encode("utf-8", "replace")
+        scheme, _, credentials = (authorization or "").strip().partition(" ")
+        # the auth scheme is case-insensitive (RFC 7235 §2.1): "Bearer", "bearer", "BEARER"
+        presented = credentials.strip().encode("utf-8", "replace") if scheme.lower() == "bearer" else b""
         ok = False
         for key in self._keys:
             ok |= hmac.compare_digest(presented, key)

@@ -14,6 +14,7 @@ from harness.procs import free_port
 from router.app import create_app
 from router.backends import parse_backend_spec
 from router.config import RouterConfig
+from router.runner import RouterRunner
 from router.state import STATE_KEY, RouterState
 
 
@@ -35,7 +36,7 @@ async def serve_router(backends: list[str] | None = None, *, discovery: Any = No
     config_kw.setdefault("governance_log", None)
     config = RouterConfig(port=port, backends=[parse_backend_spec(b) for b in backends or []], **config_kw)
     app = create_app(config, discovery=discovery)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    runner = RouterRunner(app, header_timeout_s=config.header_timeout_s, handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
         await web.TCPSite(runner, "127.0.0.1", port).start()
