@@ -272,6 +272,7 @@ def parse_metrics(text: str, at: float | None = None, light: bool = False) -> En
         ml = latest.labels.get("max_lora", "")
         max_loras = int(ml) if ml.isdigit() else None
     counters = {k: scalar(k) or 0.0 for k in _COUNTERS}
+    _check_plausible(adapter.engine, running, waiting, kv, counters)
     if series_of("prefix_hits_total") is None:
         # A hit rate from counters needs the hits counter: without it (SGLang before cached_tokens_total) the
         # queried tokens alone would read as a 0 % hit rate; the hit-rate gauge stands in.
@@ -293,6 +294,22 @@ def parse_metrics(text: str, at: float | None = None, light: bool = False) -> En
         waiting_loras=waiting_loras,
         max_loras=max_loras,
     )
+
+
+MAX_PLAUSIBLE_REQUESTS = 1e6  # running or waiting on one engine: beyond this a gauge is broken, not busy
+
+
+def _check_plausible(engine: str, running: float, waiting: float, kv: float | None, counters: dict[str, float]) -> None:
+    """Refuse values no healthy engine reports (a KV usage of 100 exported as percent, 1e12 waiting requests,
+    negative gauges or counters): the read fails (a ScrapeError), so a broken exporter never drives a decision."""
+    for name, v in (("running", running), ("waiting", waiting)):
+        if not 0 <= v <= MAX_PLAUSIBLE_REQUESTS:
+            raise ScrapeError(f"implausible {engine} {name} requests: {v:g} (expected 0 to {MAX_PLAUSIBLE_REQUESTS:g})")
+    if kv is not None and not 0 <= kv <= 1.0 + 1e-6:
+        raise ScrapeError(f"implausible {engine} KV-cache usage {kv:g}: expected a fraction in [0, 1] (percent?)")
+    for name, v in counters.items():
+        if v < 0:
+            raise ScrapeError(f"implausible {engine} counter {name}: {v:g} (counters are >= 0)")
 
 
 async def fetch_page(session: aiohttp.ClientSession, url: str, timeout_s: float = 2.0) -> str:

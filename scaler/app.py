@@ -72,7 +72,9 @@ class ScalerApp:
         return app
 
     async def start(self) -> None:
-        self.server = grpc.aio.server()
+        # Exclusive bind: with gRPC's default SO_REUSEPORT a second scaler on the same port would start fine and
+        # take half the connections, each process with its own trackers.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_ExternalScalerServicer_to_server(ExternalScalerServicer(self.service), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -86,9 +88,15 @@ class ScalerApp:
                 root_certificates=self.tls.client_ca.read_bytes() if self.tls.client_ca else None,
                 require_client_auth=self.tls.client_ca is not None,
             )
-            self.bound_grpc_port = self.server.add_secure_port(address, creds)
+            add = lambda: self.server.add_secure_port(address, creds)  # noqa: E731
         else:
-            self.bound_grpc_port = self.server.add_insecure_port(address)
+            add = lambda: self.server.add_insecure_port(address)  # noqa: E731
+        try:
+            self.bound_grpc_port = add()
+        except RuntimeError as e:  # grpcio raises on a failed bind (older releases return 0)
+            raise OSError(f"cannot bind the gRPC port {address}: {e} (is another scaler running there?)") from e
+        if not self.bound_grpc_port:
+            raise OSError(f"cannot bind the gRPC port {address} (is another scaler running there?)")
         await self.service.start()  # after the bind: its worker process must not delay taking the port
         await self.server.start()
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)

@@ -61,7 +61,11 @@ def serve_main(args: argparse.Namespace) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
-    asyncio.run(app.run_forever())
+    try:
+        asyncio.run(app.run_forever())
+    except OSError as e:  # e.g. the gRPC or metrics port is taken
+        print(f"kvscale scaler serve: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

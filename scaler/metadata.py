@@ -35,10 +35,20 @@ KEDA_KEYS = frozenset({"scalerAddress", "enableTLS", "unsafeSsl", "tlsCertFile",
                        "tlsClientKey"})  # fmt: skip
 
 
+MAX_VALUE_CHARS = 4096  # longer values are refused (a 1 MB value must not become a metric label or a log line)
+MAX_MODEL_CHARS = 253  # ``model`` is a label of the scaler's metrics: a Kubernetes-name-sized string
+MAX_ECHO_CHARS = 200  # what an error message quotes of a bad key or value
+
+
+def _clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class MetadataError(ValueError):
-    """A scalerMetadata key is missing or invalid; the message names the key."""
+    """A scalerMetadata key is missing or invalid; the message names the key (both clipped for the echo)."""
 
     def __init__(self, key: str, reason: str) -> None:
+        key, reason = _clip(key, 100), _clip(reason, 2 * MAX_ECHO_CHARS)
         super().__init__(f"scalerMetadata.{key}: {reason}")
         self.key = key
         self.reason = reason
@@ -77,11 +87,16 @@ class MetadataKey:
 class _Context:
     namespace: str  # the ScaledObject's: podNamespace's default
     load_model: Callable[[str], LatencyModel] | None  # None: built-in names only (the dataclass defaults)
+    loaded: dict[str, LatencyModel] = field(default_factory=dict)  # the latency model, once read
 
 
 # -- the kinds: (key, text as given, context) -> the field's value; raise MetadataError -----------------------------
 _BOOL = {"true": True, "false": False, "1": True, "0": False, "yes": True, "no": False}
 _NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# What KEDA users write: ASCII decimals ("1000", "0.5", "1e3"); not "1_000" or full-width digits, which Python's
+# float() and int() would take.
+_DECIMAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?", re.ASCII)
+_INTEGER = re.compile(r"[+-]?\d+", re.ASCII)
 _PROM_MATCHER = re.compile(r'^\s*[A-Za-z_][A-Za-z0-9_]*\s*(=|!=|=~|!~)\s*"(?:[^"\\]|\\.)*"\s*$')
 
 
@@ -93,14 +108,16 @@ def _choice(k: MetadataKey, text: str, ctx: _Context) -> str:
 
 
 def _str(k: MetadataKey, text: str, ctx: _Context) -> str:
-    return text.strip()
+    v = text.strip()
+    if len(v) > k.hi:
+        raise MetadataError(k.name, f"at most {int(k.hi)} characters, got {len(v)}")
+    return v
 
 
 def _number(k: MetadataKey, text: str, ctx: _Context) -> float:
-    try:
-        v = float(text.strip())
-    except ValueError:
-        raise MetadataError(k.name, f"expected a number, got {text!r}") from None
+    if not _DECIMAL.fullmatch(text.strip()):
+        raise MetadataError(k.name, f"expected a decimal number such as 1000 or 0.5, got {text!r}")
+    v = float(text.strip())
     if not math.isfinite(v):
         raise MetadataError(k.name, f"expected a finite number, got {text!r}")
     if v < k.lo or (k.lo_open and v == k.lo) or v > k.hi or (k.hi_open and v == k.hi):
@@ -109,10 +126,9 @@ def _number(k: MetadataKey, text: str, ctx: _Context) -> float:
 
 
 def _int(k: MetadataKey, text: str, ctx: _Context) -> int:
-    try:
-        v = int(text.strip())
-    except ValueError:
-        raise MetadataError(k.name, f"expected an integer, got {text!r}") from None
+    if not _INTEGER.fullmatch(text.strip()):
+        raise MetadataError(k.name, f"expected an integer, got {text!r}")
+    v = int(text.strip())
     if v < k.lo or (k.lo_open and v == k.lo) or v > k.hi or (k.hi_open and v == k.hi):
         raise MetadataError(k.name, f"must be in {k.bounds()}, got {text!r}")
     return v
@@ -126,8 +142,12 @@ def _bool(k: MetadataKey, text: str, ctx: _Context) -> bool:
 
 
 def _check_url(name: str, text: str) -> str:
-    u = urlparse(text.strip())
-    if u.scheme not in ("http", "https") or not u.netloc:
+    try:
+        u = urlparse(text.strip())
+        u.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as e:
+        raise MetadataError(name, f"not a URL ({e}): {text!r}") from None
+    if u.scheme not in ("http", "https") or not u.netloc or not u.hostname:
         raise MetadataError(name, f"expected an http(s) URL, got {text!r}")
     return text.strip()
 
@@ -178,13 +198,11 @@ def _promql(k: MetadataKey, text: str, ctx: _Context) -> str:
 def _latency_model(k: MetadataKey, text: str, ctx: _Context) -> str:
     """A built-in model name, or a latency-model file that loads (through the caller's loader, which may cache)."""
     v = text.strip()
-    if v in builtin_models():
-        return v
-    if not Path(v).is_file():
+    if v not in builtin_models() and not Path(v).is_file():
         raise MetadataError(k.name, f"{v!r} is neither a readable file nor a built-in model ({builtin_models()})")
     if ctx.load_model is not None:
         try:
-            ctx.load_model(v)
+            ctx.loaded[k.name] = ctx.load_model(v)
         except LatencyModelError as e:
             raise MetadataError(k.name, str(e)) from None
     return v
@@ -217,7 +235,7 @@ class ScalerSettings:
     pool: str = key("pool", "choice", None, "required: prefill | decode | aggregated",
                     choices=POOLS, empty=f"required ({' | '.join(POOLS)})")  # fmt: skip
     model: str = key("model", "str", None, "required: served model name (vLLM's model_name label)",
-                     empty="required (the served model name)")  # fmt: skip
+                     empty="required (the served model name)", hi=MAX_MODEL_CHARS)  # fmt: skip
     latency_model: str = key("latencyModel", "latency-model", "llama-3.1-8b-h100",
                              "latency-model artifact: JSON file path or built-in name",
                              empty="must not be empty")  # fmt: skip
@@ -266,7 +284,7 @@ class ScalerSettings:
                                   "window for observed latency percentiles and mean ISL/OSL (>= signalIntervalSeconds)",
                                   lo=0.1, hi=3600)  # fmt: skip
     kv_usage_threshold: float = key("kvUsageThreshold", "number", "0.9", "KV-cache usage above which capacity is added",
-                                    lo=0, hi=1, lo_open=True)  # fmt: skip
+                                    lo=0.05, hi=1)  # fmt: skip
     max_num_seqs: int = key("maxNumSeqs", "int", "256", "the engine's max_num_seqs (decode batch limit)",
                             lo=1, hi=1 << 20)  # fmt: skip
     max_latency_correction: float = key("maxLatencyCorrection", "number", "1.5",
@@ -274,7 +292,10 @@ class ScalerSettings:
                                         lo=1, hi=10)  # fmt: skip
     target_utilization: float = key("targetUtilization", "number", "0.8",
                                     "fraction of the modelled per-replica capacity to plan for (tail headroom)",
-                                    lo=0, hi=1, lo_open=True)  # fmt: skip
+                                    lo=0.05, hi=1)  # fmt: skip
+    max_replicas: int = key("maxReplicas", "int", "100",
+                            "most replicas ever asked for (set it to the ScaledObject's maxReplicaCount)",
+                            lo=1, hi=100_000)  # fmt: skip
     raw: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -292,8 +313,8 @@ METADATA_KEYS: tuple[MetadataKey, ...] = tuple(
 KEYS: dict[str, MetadataKey] = {k.name: k for k in METADATA_KEYS}
 
 
-def _check_rules(v: dict[str, Any]) -> None:
-    """The rules that span keys (``v``: field name -> parsed value)."""
+def _check_rules(v: dict[str, Any], model: LatencyModel | None) -> None:
+    """The rules that span keys (``v``: field name -> parsed value; ``model``: the latency model, when loaded)."""
     if v["metrics_source"] == "pods" and not v["pod_selector"] and not v["pod_urls"]:
         raise MetadataError("podSelector", "required in pods mode (or give podUrls)")
     if v["metrics_source"] == "prometheus" and not v["prometheus_url"]:
@@ -304,6 +325,13 @@ def _check_rules(v: dict[str, Any]) -> None:
     interval, latency = v["signal_interval_s"], v["latency_window_s"]
     if latency < interval:
         raise MetadataError("latencyWindowSeconds", f"must be >= signalIntervalSeconds ({interval:g}), got {latency:g}")
+    if model is not None:  # an SLO the model cannot meet on an idle replica cannot be met by any replica count
+        floors = {"ttftSloMs": (v["ttft_slo_s"], model.prefill_time(1) + model.request_overhead_s, "one-token prefill"),
+                  "itlSloMs": (v["itl_slo_s"], model.decode_step_time(1, 1), "decode step")}  # fmt: skip
+        for name, (slo, floor, what) in floors.items():
+            if slo < floor:
+                raise MetadataError(name, f"{slo * 1000:g} ms is below the latency model's unloaded {what} "
+                                          f"({floor * 1000:.3g} ms for {model.name!r}): no replica count can meet it")
 
 
 def parse_scaler_metadata(
@@ -321,10 +349,12 @@ def parse_scaler_metadata(
     values: dict[str, Any] = {}
     for k in METADATA_KEYS:
         text = md.get(k.name, k.default or "")
+        if len(text) > MAX_VALUE_CHARS:
+            raise MetadataError(k.name, f"a value of {len(text)} characters (at most {MAX_VALUE_CHARS})")
         if k.empty is not None and not text.strip():
             raise MetadataError(k.name, k.empty)
         values[k.field] = KINDS[k.kind](k, text, ctx)
-    _check_rules(values)
+    _check_rules(values, ctx.loaded.get("latencyModel"))
     return ScalerSettings(**values, raw=tuple(sorted(md.items())))
 
 

@@ -43,11 +43,17 @@ class ScalerMetrics:
         self.pred_itl = g("predicted_itl_seconds", "Predicted inter-token latency (current load).")
         self.obs_itl = g("observed_itl_seconds", "Observed inter-token latency at the SLO percentile.")
         self.burst_hold = g("burst_hold_seconds", "How far back a scale-down looks for recurring bursts (0: off).")
+        self.unattainable = g("slo_unattainable", "1 when no replica count meets the SLO at the current request "
+                              "sizes (the decision holds instead of growing).")  # fmt: skip
         self.reason = g("decision_reason", "1 for the reason of the last decision, 0 for the others.", ("reason",))
         self.active = g("active", "What IsActive answers (1 active, 0 idle).")
         self.errors = Counter(
             "kvscale_scaler_signal_errors", "Failed or stale signal reads (the decision was held).", LABELS,
             registry=r,
+        )  # fmt: skip
+        self.pod_errors = Counter(
+            "kvscale_scaler_pod_read_errors", "Pod metrics pages that could not be read or were implausible (a "
+            "failed read of that pod, never a decision input).", LABELS, registry=r,
         )  # fmt: skip
         self.changes = Counter(
             "kvscale_scaler_scale_changes", "Decisions that changed the desired replica count.", LABELS, registry=r
@@ -59,7 +65,7 @@ class ScalerMetrics:
         )  # fmt: skip
         self._gauges = [self.desired, self.need, self.ready, self.arrival, self.forecast, self.isl, self.osl,
                         self.prefix, self.waiting, self.running, self.kv, self.capacity, self.correction,
-                        self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold,
+                        self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold, self.unattainable,
                         self.active]  # fmt: skip
 
     def publish(self, labels: tuple[str, ...], d: Decision, changed: bool) -> None:
@@ -77,7 +83,8 @@ class ScalerMetrics:
                            (self.kv, "kv_usage"), (self.capacity, "capacity_per_replica"),
                            (self.correction, "correction"), (self.pred_ttft, "predicted_ttft_s"),
                            (self.obs_ttft, "observed_ttft_s"), (self.pred_itl, "predicted_itl_s"),
-                           (self.obs_itl, "observed_itl_s"), (self.burst_hold, "burst_hold_s")):  # fmt: skip
+                           (self.obs_itl, "observed_itl_s"), (self.burst_hold, "burst_hold_s"),
+                           (self.unattainable, "slo_unattainable")):  # fmt: skip
             v = inputs.get(key)
             if v is not None and not math.isnan(v):
                 gauge.labels(*labels).set(v)
@@ -89,6 +96,6 @@ class ScalerMetrics:
         for reason in REASONS:
             with contextlib.suppress(KeyError):
                 self.reason.remove(*labels, reason)
-        for c in (self.errors, self.changes):
+        for c in (self.errors, self.changes, self.pod_errors):
             with contextlib.suppress(KeyError):
                 c.remove(*labels)

@@ -52,6 +52,8 @@ REASONS = (
     "hold-burst",
     "scale-down",
     "scale-to-zero",
+    "slo-unattainable",
+    "max-replicas",
 )
 MIN_LATENCY_SAMPLES = 20  # observations needed before an observed percentile corrects the model
 CORRECTION_DEADBAND = 1.1  # ratios within [1/x, x] count as "the model is right"
@@ -248,8 +250,12 @@ class ScalingPolicy:
             self._update_correction(now, obs_itl, pred_itl)
         cap = self._per_replica() / self.correction
         reason = "scale-up"
-        if cap <= 0:
-            need = need_now = float(s.max_scale_up_rate * max(base, 1))  # the SLO is unreachable: add what we may
+        unattainable = cap <= 0
+        if unattainable:
+            # No replica count meets the SLO at these request sizes (e.g. one prefill of the mean prompt takes longer
+            # than the TTFT SLO): more replicas cannot help, so hold (only KV pressure still adds) and say so.
+            need = need_now = float(max(base, 1))
+            reason = "slo-unattainable"
         else:
             need = self._units(rate_fc) / cap
             need_now = self._units(sig.arrival_rate) / cap
@@ -303,6 +309,7 @@ class ScalingPolicy:
             "observed_itl_s": math.nan if obs_itl is None else obs_itl,
             "predicted_ttft_s": pred_ttft,
             "predicted_itl_s": pred_itl,
+            "slo_unattainable": 1.0 if unattainable else 0.0,
         }
 
         if not sig.idle or self.last_active_at is None:
@@ -375,6 +382,10 @@ class ScalingPolicy:
                 reason = "hold-slo-check" if cand == base else reason
             desired = cand
         desired = max(desired, floor_)
+        if unattainable and reason not in ("kv-cache",):
+            reason = "slo-unattainable"
+        if desired > s.max_replicas:
+            desired, reason = s.max_replicas, "max-replicas"
         return self._commit(Decision(now, desired, reason, need, True, active, inputs))
 
     def _commit(self, d: Decision) -> Decision:

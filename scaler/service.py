@@ -85,6 +85,7 @@ class Tracker:
         # the loop's phase within the signal interval: spreads the scrapes of many ScaledObjects evenly
         self.phase_s = zlib.crc32(f"{key[0]}/{key[1]}".encode()) / 2**32 * settings.signal_interval_s
         self.task: asyncio.Task | None = None
+        self.streams = 0  # open StreamIsActive streams: a ScaledObject watched by a stream is alive
         self._changed = asyncio.Condition()
 
     @property
@@ -110,9 +111,14 @@ class Tracker:
             async with self._changed:
                 self._changed.notify_all()
 
-    async def wait_change(self) -> None:
+    async def wait_change(self, timeout_s: float | None = None) -> bool:
+        """Until the active state changes (True) or ``timeout_s`` passes (False)."""
         async with self._changed:
-            await self._changed.wait()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
+            except TimeoutError:
+                return False
+            return True
 
 
 @dataclass
@@ -221,6 +227,7 @@ class ScalerService:
             self.trackers[key] = tr
             self.metrics.errors.labels(*tr.labels)  # exported as 0 from the start
             self.metrics.changes.labels(*tr.labels)
+            self.metrics.pod_errors.labels(*tr.labels)
             tr.task = asyncio.create_task(self._loop(tr), name=f"kvscale-scaler-{key[0]}/{key[1]}")
             self.metrics.trackers.set(len(self.trackers))
             log.info("tracking %s/%s: pool=%s model=%s source=%s", *key, s.pool, s.model, s.metrics_source)
@@ -253,7 +260,7 @@ class ScalerService:
             await asyncio.sleep(min(60.0, self.options.expire_after_s / 4))
             now = self.clock()
             for key, tr in list(self.trackers.items()):
-                if now - tr.last_call > self.options.expire_after_s:
+                if tr.streams == 0 and now - tr.last_call > self.options.expire_after_s:  # open streams keep it
                     log.info("dropping %s/%s: no call for %.0fs", *key, now - tr.last_call)
                     await self._drop(key)
 
@@ -273,6 +280,10 @@ class ScalerService:
             tr.last_error = str(e)
             self.metrics.errors.labels(*tr.labels).inc()
             log.warning("%s/%s: signals: %s (holding %s)", *tr.key, e, d.desired)
+        failed = getattr(tr.source, "last_failed", 0)
+        if failed:
+            self.metrics.pod_errors.labels(*tr.labels).inc(failed)
+            tr.source.last_failed = 0  # type: ignore[attr-defined]
         changed = tr.decision is not None and tr.decision.desired != d.desired
         self.metrics.publish(tr.labels, d, changed)
         await tr.publish(d)

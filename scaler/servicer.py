@@ -7,6 +7,7 @@ anything is known answers ``UNAVAILABLE`` (the HPA holds), never 0.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -16,6 +17,8 @@ from protos import externalscaler_pb2 as pb
 from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.metadata import MetadataError
 from scaler.service import ScalerService, Tracker
+
+log = logging.getLogger("kvscale.scaler")
 
 
 class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
@@ -30,7 +33,11 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
             return self.service.tracker(ref)
         except MetadataError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{ref.namespace}/{ref.name}: {e}")
-            raise  # unreachable: abort raises
+        except Exception as e:  # never UNKNOWN: a fault registering the ScaledObject is named and logged
+            log.exception("%s/%s: cannot register the ScaledObject", ref.namespace, ref.name)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"{ref.namespace}/{ref.name}: {type(e).__name__}: {str(e)[:300]}")  # fmt: skip
+        raise AssertionError("unreachable: abort raises")
 
     def _observe(self, method: str, started: float, code: str) -> None:
         child = self._latency.get((method, code))
@@ -45,14 +52,20 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
         return pb.IsActiveResponse(result=tr.active)
 
     async def StreamIsActive(self, request: pb.ScaledObjectRef, context: grpc.aio.ServicerContext):
+        """Push the active state when it changes. The open stream keeps its ScaledObject tracked (it may be its only
+        caller, with scale-from-zero by push), and refreshes it every minute for the expiry clock."""
         tr = await self._tracker(request, context)
         last: bool | None = None
-        while True:
-            if tr.active != last:
-                last = tr.active
-                yield pb.IsActiveResponse(result=last)
-            await tr.wait_change()
-            tr.last_call = self.service.clock()
+        tr.streams += 1
+        try:
+            while True:
+                if tr.active != last:
+                    last = tr.active
+                    yield pb.IsActiveResponse(result=last)
+                await tr.wait_change(60.0)
+                tr.last_call = self.service.clock()
+        finally:
+            tr.streams -= 1
 
     async def GetMetricSpec(
         self, request: pb.ScaledObjectRef, context: grpc.aio.ServicerContext

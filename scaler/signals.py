@@ -239,6 +239,7 @@ class PodScrapeSource:
         self.history = PodHistory(settings.latency_window_s)
         self.clock = clock
         self.parser = parser or PageParser(workers=0)
+        self.last_failed = 0  # pods whose page could not be read or was implausible, at the last read
 
     async def _one(self, url: str) -> EngineStats | Exception:
         try:
@@ -252,6 +253,7 @@ class PodScrapeSource:
         if urls is None:
             raise SignalError(f"pod discovery has no result yet: {self.discovery.last_error or 'starting'}")
         results = await asyncio.gather(*(self._one(u) for u in urls))
+        self.last_failed = sum(1 for r in results if isinstance(r, Exception))  # counted by the service
         return self.history.update(dict(zip(urls, results, strict=True)), self.clock())
 
     async def close(self) -> None:

@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scaler.metadata import KEYS, METADATA_KEYS, MetadataError, ScalerSettings, parse_scaler_metadata
 
@@ -126,10 +128,15 @@ def test_latency_model_validation_uses_the_callers_loader(tmp_path: Path):
     path = tmp_path / "m.json"
     path.write_text(load_latency_model("llama-3.1-8b-h100").dumps())
     calls: list[str] = []
-    s = parse_scaler_metadata({**BASE, "latencyModel": str(path)}, load_model=lambda p: calls.append(p))
+
+    def loader(spec: str):
+        calls.append(spec)
+        return load_latency_model(spec)
+
+    s = parse_scaler_metadata({**BASE, "latencyModel": str(path)}, load_model=loader)
     assert s.latency_model == str(path) and calls == [str(path)]  # the file is read by the loader, once
-    parse_scaler_metadata(BASE, load_model=lambda p: calls.append(p))
-    assert calls == [str(path)]  # a built-in name is not loaded to validate it
+    parse_scaler_metadata(BASE, load_model=loader)  # a built-in too (its step times bound the SLOs)
+    assert calls == [str(path), "llama-3.1-8b-h100"]
 
 
 def test_pod_selector_uses_the_label_selector_grammar():
@@ -138,3 +145,22 @@ def test_pod_selector_uses_the_label_selector_grammar():
     for bad in ("a b c", "app=vllm,", "app=v@x", "-bad=x", "app in (a"):
         with pytest.raises(MetadataError, match=r"^scalerMetadata\.podSelector: not a Kubernetes label selector"):
             parse_scaler_metadata({**BASE, "podSelector": bad})
+
+
+_keys = st.sampled_from([*KEYS, "scalerAddress", "bogus", "ttftSLOms"])
+_values = st.one_of(st.text(max_size=40), st.sampled_from(["0", "-1", "1e308", "nan", "inf", "1_0", "0.5", "true",
+                                                           "http://[::1", "http://h:99999", "app=vllm", "prefill",
+                                                           "aggregated", "\uff11\uff10", " 5 ", "x" * 5000]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(md=st.dictionaries(_keys, _values, max_size=8))
+def test_fuzzed_metadata_parses_or_names_the_key(md: dict[str, str]):
+    """Any map either parses (every number finite and in bounds) or raises MetadataError with a short message;
+    no other exception (the gRPC face would answer it as INTERNAL, never as UNKNOWN, but it must not happen)."""
+    try:
+        s = parse_scaler_metadata({**BASE, **md})
+    except MetadataError as e:
+        assert str(e).startswith("scalerMetadata.") and len(str(e)) < 1200
+        return
+    assert s.max_replicas >= 1 and 0 < s.target_utilization <= 1 and s.ttft_slo_s > 0
