@@ -234,7 +234,9 @@ def parse_metrics(text: str, at: float | None = None, light: bool = False) -> En
 
     def scalar(key: str) -> float | None:
         s = series_of(key)
-        values = [x.value for x in samples.get(s.sample, ()) if math.isfinite(x.value)] if s else []
+        values = [x.value for x in samples.get(s.sample, ())] if s else []
+        if not all(math.isfinite(v) for v in values):  # a NaN gauge is broken, not idle
+            raise ScrapeError(f"implausible {s.sample}: {next(v for v in values if not math.isfinite(v))}")
         if not values:
             return None
         return float(max(values) if adapter[key].reduce == "max" else sum(values))

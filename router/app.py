@@ -105,17 +105,29 @@ def create_app(
 
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors_middleware])
     app[STATE_KEY] = state
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/health", health)
-    app.router.add_get("/ready", ready)
-    app.router.add_get("/metrics", metrics_endpoint)
+    for method, path, handler in (("POST", "/v1/completions", completions),
+                                  ("POST", "/v1/chat/completions", chat_completions), ("GET", "/v1/models", models),
+                                  ("GET", "/health", health), ("GET", "/ready", ready),
+                                  ("GET", "/metrics", metrics_endpoint)):  # fmt: skip
+        app.router.add_route(method, path, handler, expect_handler=_expect)
     app.on_startup.append(_on_startup)
     if tune_gc:
         app.on_startup.append(_tune_gc)
     app.on_cleanup.append(_on_cleanup)
     return app
+
+
+async def _expect(request: web.Request) -> web.StreamResponse | None:
+    """The ``Expect`` header (it is answered before any middleware): ``100-continue`` as aiohttp does, anything else
+    a 417 in OpenAI's shape instead of aiohttp's plain text."""
+    expect = request.headers.get("Expect", "")
+    if request.version == aiohttp.HttpVersion11:
+        if expect.lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0  # the response proper has not started
+            return None
+        return ApiError(417, f"unsupported Expect header: {expect[:100]!r} (only 100-continue)", "Expect").response()
+    return None
 
 
 async def _on_startup(app: web.Application) -> None:

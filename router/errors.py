@@ -15,6 +15,7 @@ _TYPES = {
     404: "not_found_error",
     408: "timeout",
     413: "invalid_request_error",
+    417: "invalid_request_error",
     429: "rate_limit_error",
     499: "client_closed_request",
     502: "bad_gateway",

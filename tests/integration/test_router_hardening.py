@@ -21,6 +21,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from routers_for_tests import serve_router
 
@@ -313,3 +315,52 @@ async def test_governance_log_is_strict_json(tmp_path: Path) -> None:
     lines = gov.read_text().splitlines()
     entries = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}")) for line in lines]
     assert [e["status"] for e in entries] == [400, 200, 401]
+
+
+@pytest.fixture(scope="module")
+def router_url():
+    """One simulator pod and one router for every fuzz example, on a background loop thread."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    ready: dict = {}
+    stop = asyncio.Event()
+
+    async def main() -> None:
+        async with sim_pod() as p, serve_router([p.url], api_keys=frozenset({"k"})) as r:
+            ready["url"] = r.url
+            await stop.wait()
+
+    t = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
+    t.start()
+    while "url" not in ready:
+        t.join(0.05)
+    yield ready["url"]
+    loop.call_soon_threadsafe(stop.set)
+    t.join(10)
+
+
+_header_name = st.one_of(st.binary(min_size=1, max_size=40), st.sampled_from(
+    [b"Authorization", b"Content-Length", b"Transfer-Encoding", b"Content-Type", b"Host", b"X-Request-Id", b"Expect"]))
+_header_value = st.one_of(st.binary(max_size=200), st.sampled_from(
+    [b"Bearer k", b"bearer k", b"chunked", b"-1", b"99999999999", b"application/json", b"100-continue", b"a" * 9000]))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(headers=st.lists(st.tuples(_header_name, _header_value), max_size=6))
+def test_fuzzed_raw_headers_get_no_5xx(router_url: str, headers: list[tuple[bytes, bytes]]) -> None:
+    """Arbitrary header bytes around a valid request: the router answers 2xx/4xx in OpenAI's shape, or closes the
+    connection; never a 5xx, never a hang."""
+    body = b'{"model": "sim-model", "prompt": "x", "max_tokens": 1}'
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    head += b"".join(k + b": " + v + b"\r\n" for k, v in headers)
+    if not any(k.lower() in (b"content-length", b"transfer-encoding") for k, _ in headers):
+        head += b"Content-Length: %d\r\n" % len(body)
+    raw = head + b"Connection: close\r\n\r\n" + body
+    answer = asyncio.run(_raw(router_url, raw, wait=15))
+    if not answer:
+        return  # the connection was closed: acceptable for bytes that are not HTTP
+    status = int(answer.split(b" ", 2)[1])
+    assert status < 500, answer[:300]
+    if status >= 400:
+        assert _json_body(answer)["error"]["code"] == status, answer[:300]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from kvscale.latency import load_latency_model
 from predictor.capacity import SLO, aggregated_capacity_rps, decode_capacity, prefill_capacity_tokens_per_s
@@ -245,3 +248,23 @@ def test_burst_hold_rule():
     for t in (0.0, 100.0, 200.0):
         off.note(t)
     assert off.hold_s() == 0.0
+
+
+# -- fuzz: whatever the signals, a decision is a count in [floor, maxReplicas] ------------------------------------
+_num = st.floats(min_value=0.0, max_value=1e12, allow_nan=False, allow_infinity=False)
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    pool=st.sampled_from(["aggregated", "prefill", "decode"]),
+    s2z=st.booleans(),
+    reads=st.lists(st.tuples(_num, st.integers(0, 10_000), st.floats(1.0, 1e6), st.floats(1.0, 1e5), _num,
+                             st.floats(0.0, 1.0), st.one_of(st.none(), st.floats(0.0, 1.0))), min_size=1, max_size=25),
+)  # fmt: skip
+def test_fuzzed_signals_give_desired_within_bounds(pool, s2z, reads):
+    p = ScalingPolicy(settings(pool, scaleToZero=str(s2z).lower(), maxReplicas="40"), MODEL)
+    floor = 0 if s2z else 1
+    for i, (rate, replicas, isl, osl, waiting, kv, hit) in enumerate(reads):
+        d = p.decide(5.0 * i, sig(5.0 * i, rate, replicas=replicas, isl=isl, osl=osl, waiting=waiting, kv_usage=kv,
+                                  kv_usage_max=kv, prefix_hit_rate=hit))  # fmt: skip
+        assert isinstance(d.desired, int) and floor <= d.desired <= 40, (d, rate, replicas)

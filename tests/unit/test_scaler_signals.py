@@ -4,13 +4,16 @@ the pods' metrics pages parsed in a worker process."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvscale.engine_stats import EngineStats, ScrapeError
+from kvscale.engine_stats import EngineStats, ScrapeError, parse_metrics
 from scaler.signals import PageParser, PodHistory, SignalPending
 
 
@@ -101,3 +104,24 @@ async def test_parser_errors_name_the_pod_and_a_dead_worker_is_replaced():
         assert stats.at == 3.0 and stats.requests_finished_total > 0
     finally:
         parser.close()
+
+
+# -- fuzz: a pod page with extreme values is a plausible read or a ScrapeError, never a decision input ------------
+_EXTREME = st.sampled_from(["NaN", "+Inf", "-Inf", "-1", "0", "1e300", "-1e-300", "100", "1e12", "0.5", "3"])
+_READ = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+         "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
+         "vllm:prefix_cache_hits_total")  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(changes=st.dictionaries(st.sampled_from(_READ), _EXTREME, min_size=1, max_size=4))
+def test_fuzzed_pod_pages_parse_plausibly_or_fail(changes: dict[str, str]):
+    page = VLLM_PAGE.read_text()
+    for name, value in changes.items():
+        page = re.sub(rf"^({re.escape(name)}\{{[^}}]*\}}) \S+$", rf"\g<1> {value}", page, flags=re.M)
+    try:
+        st_ = parse_metrics(page, at=1.0)
+    except ScrapeError:
+        return
+    assert 0 <= st_.running <= 1e6 and 0 <= st_.waiting <= 1e6 and 0 <= st_.kv_usage <= 1.0 + 1e-6
+    assert all(v >= 0 for v in (st_.prompt_tokens_total, st_.generation_tokens_total, st_.requests_finished_total))
