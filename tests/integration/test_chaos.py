@@ -1,4 +1,4 @@
-"""Chaos, bounded (~40 s): three simulator pods (processes) behind the router under mixed streaming load; one pod
+"""Chaos, bounded (~25 s): three simulator pods (processes) behind the router under mixed streaming load; one pod
 is SIGKILLed, another SIGSTOPped, and a poison request stream runs alongside.
 
 Asserted: no request that had not started streaming is lost (every non-streamed request succeeds, every stream
@@ -24,9 +24,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
-from routers_for_tests import serve_router
+from routers_for_tests import serve_app, serve_router
 
-from harness.procs import free_port
 from harness.simpods import SIM_MODEL, sim_pod_process, step_model
 
 POISON = "POISON-PILL"
@@ -53,14 +52,8 @@ async def front(pod_url: str) -> AsyncIterator[str]:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app, handler_cancellation=True)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await runner.cleanup()
+        async with serve_app(app, handler_cancellation=True) as url:
+            yield url
 
 
 @pytest.mark.timeout(120)
@@ -89,7 +82,7 @@ async def test_kill_stop_and_poison_under_streaming_load(tmp_path: Path) -> None
             t0 = time.monotonic()
             i = 0
             events = {5.0: "kill", 10.0: "stop"}
-            while (now := time.monotonic() - t0) < 20.0:
+            while (now := time.monotonic() - t0) < 16.0:
                 for at, what in list(events.items()):
                     if now >= at:
                         del events[at]
@@ -128,4 +121,4 @@ async def test_kill_stop_and_poison_under_streaming_load(tmp_path: Path) -> None
         else:
             completed += 1
     print(f"\nchaos: {dict(by_kind)}; streams completed {completed}, ended with an SSE error {errored}")
-    assert completed > 100 and errored <= 10, (completed, errored)
+    assert completed > 80 and errored <= 10, (completed, errored)

@@ -24,9 +24,8 @@ from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from routers_for_tests import serve_router
+from routers_for_tests import router_in_thread, serve_app, serve_router
 
-from harness.procs import free_port
 from harness.simpods import SIM_MODEL, sim_pod, sim_pod_process, step_model
 
 POISON = "POISON-PILL"
@@ -55,14 +54,8 @@ async def poison_front(pod_url: str, *, blame_request: bool = False) -> AsyncIte
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        try:
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            await runner.cleanup()
+        async with serve_app(app) as url:
+            yield url
 
 
 async def test_poison_requests_do_not_eject_healthy_backends() -> None:
@@ -123,18 +116,13 @@ async def test_a_backend_failing_alone_is_still_ejected() -> None:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", broken)
-        runner = web.AppRunner(app)
-        await runner.setup()
         await a.stop()  # the pod's port now answers 500 to everything (its health check too is served by it)
-        await web.TCPSite(runner, "127.0.0.1", a.port).start()
-        try:
+        async with serve_app(app, port=a.port):
             for i in range(12):
                 body = {"model": SIM_MODEL, "prompt": f"p{i}", "max_tokens": 1}
                 async with http.post(r.url + "/v1/completions", json=body) as resp:
                     assert resp.status == 200
             assert r.state.pool.get(a.url).ejections >= 1
-        finally:
-            await runner.cleanup()
 
 
 async def test_ejection_never_takes_more_than_max_percent(tmp_path: Path) -> None:
@@ -320,24 +308,14 @@ async def test_governance_log_is_strict_json(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def router_url():
     """One simulator pod and one router for every fuzz example, on a background loop thread."""
-    import threading
 
-    loop = asyncio.new_event_loop()
-    ready: dict = {}
-    stop = asyncio.Event()
-
-    async def main() -> None:
+    @contextlib.asynccontextmanager
+    async def start():
         async with sim_pod() as p, serve_router([p.url], api_keys=frozenset({"k"})) as r:
-            ready["url"] = r.url
-            await stop.wait()
+            yield r
 
-    t = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
-    t.start()
-    while "url" not in ready:
-        t.join(0.05)
-    yield ready["url"]
-    loop.call_soon_threadsafe(stop.set)
-    t.join(10)
+    with router_in_thread(start) as url:
+        yield url
 
 
 _header_name = st.one_of(st.binary(min_size=1, max_size=40), st.sampled_from(

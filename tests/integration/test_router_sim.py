@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
-from routers_for_tests import RunningRouter, serve_router
+from routers_for_tests import RunningRouter, router_in_thread, serve_router
 
 from harness.simpods import Pod, sim_pod, sim_pod_process, step_model
 
@@ -321,24 +321,14 @@ _bodies = st.one_of(
 @pytest.fixture(scope="module")
 def fuzz_env():
     """One simulator and one router for all fuzz examples, on a background loop thread."""
-    import threading
 
-    loop = asyncio.new_event_loop()
-    ready: dict = {}
-    stop = asyncio.Event()
-
-    async def main() -> None:
+    @contextlib.asynccontextmanager
+    async def start():
         async with sim_pod(step_model(1e-4)) as sim, serve_router([sim.url]) as r:
-            ready["url"] = r.url
-            await stop.wait()
+            yield r
 
-    t = threading.Thread(target=lambda: loop.run_until_complete(main()), daemon=True)
-    t.start()
-    while "url" not in ready:
-        t.join(0.05)
-    yield ready["url"]
-    loop.call_soon_threadsafe(stop.set)
-    t.join(10)
+    with router_in_thread(start) as url:
+        yield url
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

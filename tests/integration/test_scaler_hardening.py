@@ -18,6 +18,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from routers_for_tests import serve_app
 
 from harness.load import poisson_load
 from harness.procs import free_port
@@ -94,7 +95,7 @@ async def test_an_unreachable_slo_holds_instead_of_growing(tmp_path: Path) -> No
               "latencyWindowSeconds": "3", "stableWindowSeconds": "2", "panicWindowSeconds": "1",
               "maxReplicas": "3"}  # fmt: skip
         await stub.GetMetricSpec(ref(md), timeout=10)
-        await poisson_load(http, pods, rate=4.0, duration_s=6.0, prompt_tokens=400, max_tokens=4)
+        await poisson_load(http, pods, rate=4.0, duration_s=4.0, prompt_tokens=400, max_tokens=4)
         tr = app.service.trackers[("llm", "so")]
         seen = set()
         for _ in range(8):
@@ -117,15 +118,13 @@ async def exporter(**replace: str) -> AsyncIterator[str]:
         page, n = re.subn(rf"^({re.escape(name)}(\{{[^}}]*\}})?) \S+$", rf"\g<1> {value}", page, flags=re.M)
         assert n, name
     app = web.Application()
-    app.router.add_get("/metrics", lambda r: web.Response(text=page))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    try:
-        yield f"http://127.0.0.1:{port}/metrics"
-    finally:
-        await runner.cleanup()
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=page)
+
+    app.router.add_get("/metrics", metrics)
+    async with serve_app(app) as url:
+        yield url + "/metrics"
 
 
 @pytest.mark.parametrize("series", [{"vllm:kv_cache_usage_perc": "100"}, {"vllm:num_requests_waiting": "1e12"},

@@ -21,20 +21,31 @@ import pytest
 from harness.procs import ManagedProcess, free_port
 from harness.simpods import SIM_MODEL, sim_pod_process, step_model
 
-BENCH = ("import sys\nfrom vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-         "from vllm.benchmarks.serve import add_cli_args, main\n"
-         "p = FlexibleArgumentParser()\nadd_cli_args(p)\nmain(p.parse_args(sys.argv[1:]))\n")  # fmt: skip
+# Both runs in one process: vLLM's import (~15 s) is paid once. argv: the common flags; then one "URL=RESULT" per run.
+BENCH = """
+import sys
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.benchmarks.serve import add_cli_args, main
+*common, = sys.argv[1:sys.argv.index("--runs")]
+for run in sys.argv[sys.argv.index("--runs") + 1:]:
+    url, out = run.split("=", 1)
+    p = FlexibleArgumentParser()
+    add_cli_args(p)
+    main(p.parse_args([*common, "--base-url", url, "--result-filename", out]))
+"""
 
 
-def vllm_bench(url: str, tokenizer: Path, out: Path) -> dict:
-    cmd = [sys.executable, "-c", BENCH, "--backend", "vllm", "--base-url", url, "--endpoint", "/v1/completions",
-           "--model", SIM_MODEL, "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", "64",
-           "--random-output-len", "16", "--num-prompts", "150", "--request-rate", "15", "--seed", "1",
-           "--save-result", "--result-dir", str(out.parent), "--result-filename", out.name,
-           "--disable-tqdm"]  # fmt: skip
+def vllm_bench(runs: dict[str, Path], tokenizer: Path) -> dict[str, dict]:
+    """``vllm bench serve`` against each URL (random dataset, streaming completions); its saved results."""
+    out_dir = next(iter(runs.values())).parent
+    cmd = [sys.executable, "-c", BENCH, "--backend", "vllm", "--endpoint", "/v1/completions", "--model", SIM_MODEL,
+           "--tokenizer", str(tokenizer), "--dataset-name", "random", "--random-input-len", "64",
+           "--random-output-len", "16", "--num-prompts", "120", "--request-rate", "20", "--seed", "1",
+           "--save-result", "--result-dir", str(out_dir), "--disable-tqdm",
+           "--runs", *(f"{url}={path.name}" for url, path in runs.items())]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return json.loads(out.read_text())
+    return {url: json.loads(path.read_text()) for url, path in runs.items()}
 
 
 @pytest.mark.vllm
@@ -51,10 +62,11 @@ def test_vllm_bench_serve_through_the_router(tiny_model_dir: Path, tmp_path: Pat
         pod.process.wait_http_ready(pod.url + "/health", timeout=60)
         with router:
             router.wait_http_ready(f"http://127.0.0.1:{port}/ready", timeout=60)
-            direct = vllm_bench(pod.url, tiny_model_dir, tmp_path / "direct.json")
-            routed = vllm_bench(f"http://127.0.0.1:{port}", tiny_model_dir, tmp_path / "router.json")
+            router_url = f"http://127.0.0.1:{port}"
+            res = vllm_bench({pod.url: tmp_path / "direct.json", router_url: tmp_path / "router.json"}, tiny_model_dir)
+            direct, routed = res[pod.url], res[router_url]
     for r in (direct, routed):
-        assert r["completed"] == 150 and r["failed"] == 0, {k: r[k] for k in ("completed", "failed")}
+        assert r["completed"] == 120 and r["failed"] == 0, {k: r[k] for k in ("completed", "failed")}
     added = routed["median_ttft_ms"] - direct["median_ttft_ms"]
     print(f"\nvllm bench serve: median TTFT direct {direct['median_ttft_ms']:.2f} ms, through the router "
           f"{routed['median_ttft_ms']:.2f} ms ({added:+.2f} ms); mean {direct['mean_ttft_ms']:.2f} / "
