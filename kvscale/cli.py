@@ -23,6 +23,7 @@ _PARTS = {
     "eval": "scaler.evaluate.cli",
     "router": "router.cli",
     "bench": "bench.cli",
+    "trace": "kvscale.traces.cli",
 }
 
 

@@ -41,9 +41,10 @@ import numpy as np
 
 from kvscale.histogram import LogHistogram
 from kvscale.latency import LatencyModel
+from kvscale.traces.format import TraceRequest
+from kvscale.traces.prompts import BlockPrompt, PrefixBlocks
 from simulator.engine import EngineConfig, EngineCore, StepOutput
 from simulator.request import Request, SyntheticPrompt
-from simulator.workload import TraceRequest
 
 POOLS = ("aggregated", "prefill", "decode")
 # A pool's replicas have the role a router gives such an endpoint (router.backends.ROLES).
@@ -87,6 +88,7 @@ class DispatchRequest:
     prompt_token_ids: list[int] | None  # when the trace has concrete ids (otherwise synthetic: lengths only)
     session: str | None = None  # the conversation id of a recorded trace
     decode_leg: bool = False  # P/D: the decode leg (its prefill ran on a prefill replica)
+    block_prompt: BlockPrompt | None = None  # a prefix-block trace's prompt (token ids and hashes on demand)
 
 
 class Dispatcher(Protocol):
@@ -281,6 +283,7 @@ class Cluster:
         self.itl = LogHistogram()
         self._backlog: dict[str, list[_Tracked]] = {p: [] for p in POOLS}
         self._now = 0.0
+        self._prefix_blocks = PrefixBlocks()  # expands prefix-block traces' prompts, caching their chain hashes
         self._horizon = 0.0  # run(): the time up to which sync and control events keep coming regardless
         self._controlled = False  # run(): a controller ticks
         self._handlers: dict[str, Callable[[float, Any], None]] = {
@@ -397,14 +400,19 @@ class Cluster:
             return
         t = tr.trace
         rid = f"{tr.record_id}-d" if tr.decode_leg else str(tr.record_id)
-        seen = DispatchRequest(rid, t.arrival_s, t.input_len, t.output_len, t.prompt_tokens, t.session, tr.decode_leg)
+        blocks = None
+        if t.prefix_blocks is not None and t.prefix_block_tokens is not None:
+            blocks = BlockPrompt(t.prefix_blocks, t.prefix_block_tokens, t.input_len, tr.record_id, self._prefix_blocks)
+        seen = DispatchRequest(rid, t.arrival_s, t.input_len, t.output_len, t.prompt_tokens, t.session, tr.decode_leg,
+                               blocks)  # fmt: skip
         r = self.replicas[self.dispatchers[pool].choose(seen, cands, now).replica_id]
         self._advance(r, now)
         room = self.engine_config.scheduler.max_model_len - t.input_len
         if room < 1:  # a real server answers 400; the trace generator should not produce these
             tr.record.dropped = True
             return
-        prompt = t.prompt_tokens if t.prompt_tokens is not None else SyntheticPrompt(t.input_len, tr.record_id)
+        prompt = (t.prompt_tokens if t.prompt_tokens is not None else blocks if blocks is not None
+                  else SyntheticPrompt(t.input_len, tr.record_id))  # fmt: skip
         req = Request(
             request_id=rid,
             prompt_token_ids=prompt,

@@ -18,6 +18,7 @@ import numpy as np
 
 from kvscale.hashing import ROOT_HASH, block_hashes
 from kvscale.latency import LatencyModel
+from kvscale.traces.prompts import BlockPrompt
 from simulator.kv_cache import KVCacheManager
 from simulator.request import Request, Status, SyntheticPrompt
 from simulator.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
@@ -110,7 +111,7 @@ class EngineCore:
         # Nothing computed so far can have started before this arrival (idle, or only waiting for KV pulls).
         self.busy_until = max(self.busy_until, now)
         req.arrival_time = now if arrival_time is None else min(arrival_time, now)
-        if isinstance(req.prompt_token_ids, SyntheticPrompt):
+        if isinstance(req.prompt_token_ids, SyntheticPrompt | BlockPrompt):  # lazy prompts hash themselves
             req.block_hashes = req.prompt_token_ids.block_hashes(self.config.block_size)
         else:
             req.block_hashes = block_hashes(req.prompt_token_ids, self.config.block_size, extra=req.extra_key)

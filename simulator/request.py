@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from kvscale.traces.prompts import BlockPrompt
+
 
 class Status(enum.Enum):
     WAITING = "waiting"
@@ -50,7 +52,7 @@ class Request:
     """One sequence. ``max_tokens`` output tokens are generated unless aborted (the model has no EOS)."""
 
     request_id: str
-    prompt_token_ids: list[int] | SyntheticPrompt
+    prompt_token_ids: list[int] | SyntheticPrompt | BlockPrompt
     max_tokens: int
     arrival_time: float
     lora_name: str | None = None

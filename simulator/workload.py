@@ -17,7 +17,8 @@ Workloads (``WORKLOADS``) draw input/output lengths from clipped lognormals give
 the tenant's requests, plus a unique query) because prefix caching and KV-aware routing need them; its token
 lists take about ``8 * input_len`` bytes per request (the id objects themselves are shared).
 
-Traces are saved and loaded as JSON lines, one request per line (``save_trace`` / ``load_trace``).
+Traces are saved and loaded as JSON lines, one request per line (``save_trace`` / ``load_trace``, from
+:mod:`kvscale.traces`, which also imports production traces).
 """
 
 from __future__ import annotations
@@ -25,33 +26,24 @@ from __future__ import annotations
 import dataclasses
 import gc
 import inspect
-import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-TOKEN_ID_LOW = 100  # synthetic token ids are drawn from [TOKEN_ID_LOW, TOKEN_ID_HIGH): valid for most vocabs
-TOKEN_ID_HIGH = 30000
+from kvscale.traces.format import TraceFormatError, TraceRequest, load_trace, save_trace
+from kvscale.traces.prompts import TOKEN_ID_HIGH, TOKEN_ID_LOW, expand_tokens
+
+__all__ = [  # the trace format lives in the core; re-exported for the generators' callers
+    "ARRIVALS", "TOKEN_ID_HIGH", "TOKEN_ID_LOW", "WORKLOADS", "TraceFormatError", "TraceRequest", "WorkloadSpec",
+    "build_trace", "completion_body", "load_trace", "save_trace", "thinned", "trace_at",
+]  # fmt: skip
 
 # One Python int object per token id, so token lists share them instead of allocating 28 bytes per token.
 _TOKEN_OBJECTS = np.arange(TOKEN_ID_HIGH, dtype=object)
-
-
-@dataclass(slots=True)
-class TraceRequest:
-    """One request of a trace. ``prompt_tokens`` is None unless the workload needs concrete ids."""
-
-    arrival_s: float
-    prompt_tokens: list[int] | None
-    input_len: int
-    output_len: int
-    prefix_group: int | None = None  # e.g. the tenant whose system prompt this request starts with
-    session: str | None = None  # conversation id from a recorded trace (synthetic workloads leave it None)
 
 
 @contextmanager
@@ -373,10 +365,13 @@ def completion_body(
     """An OpenAI ``/v1/completions`` body for ``req``, for drivers that send a trace over HTTP (the demo, load
     generators): the prompt as token ids (vLLM, SGLang and the simulator accept them, and lengths are exact), so a
     shared prefix stays shared; synthetic ids, unique per ``index``, for requests without ids; ``max_tokens`` the
-    output length with ``ignore_eos`` (vLLM/SGLang) so that it is exact. ``token_range`` maps the ids into the
+    output length with ``ignore_eos`` (vLLM/SGLang) so that it is exact. Prefix-block prompts are expanded
+    (:func:`kvscale.traces.prompts.expand_tokens`, the tail unique per ``index``). ``token_range`` maps the ids into the
     served model's vocabulary (the same id always maps to the same id)."""
     ids = req.prompt_tokens
-    if ids is None:
+    if ids is None and req.prefix_blocks is not None and req.prefix_block_tokens is not None:
+        ids = expand_tokens(req.prefix_blocks, req.prefix_block_tokens, req.input_len, index).tolist()
+    elif ids is None:
         ids = random_token_ids(req.input_len, np.random.default_rng([seed, index]))
     lo, hi = token_range
     if (lo, hi) != (TOKEN_ID_LOW, TOKEN_ID_HIGH):
@@ -450,99 +445,3 @@ def trace_at(times: np.ndarray, spec: WorkloadSpec, seed: int = 0) -> list[Trace
             for t, i, o, p, g in zip(*columns, prompts, tenants.tolist(), strict=True)
         ]
 
-
-# --------------------------------------------------------------------------------------------------
-# JSON lines
-
-
-class TraceFormatError(ValueError):
-    """A trace file is malformed; the message names the file, the line and the field."""
-
-
-_TRACE_FIELDS = ("arrival_s", "input_len", "output_len", "prompt_tokens", "prefix_group", "session")
-
-
-def save_trace(trace: Iterable[TraceRequest], path: str | Path) -> None:
-    """Write ``trace`` as JSON lines; ``None`` optional fields are left out."""
-    with Path(path).open("w") as f:
-        for r in trace:
-            obj: dict[str, Any] = {
-                "arrival_s": r.arrival_s,
-                "input_len": r.input_len,
-                "output_len": r.output_len,
-            }
-            if r.prompt_tokens is not None:
-                obj["prompt_tokens"] = r.prompt_tokens
-            if r.prefix_group is not None:
-                obj["prefix_group"] = r.prefix_group
-            if r.session is not None:
-                obj["session"] = r.session
-            f.write(json.dumps(obj, separators=(",", ":"), allow_nan=False) + "\n")
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _parse_line(obj: Any, where: str) -> TraceRequest:
-    def bad(field: str, expected: str) -> TraceFormatError:
-        return TraceFormatError(f"{where}: field {field!r}: expected {expected}, got {obj.get(field)!r}")
-
-    if not isinstance(obj, dict):
-        raise TraceFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    unknown = sorted(set(obj) - set(_TRACE_FIELDS))
-    if unknown:
-        raise TraceFormatError(f"{where}: unknown field(s) {unknown}; valid: {list(_TRACE_FIELDS)}")
-    for field in ("arrival_s", "input_len", "output_len"):
-        if field not in obj:
-            raise TraceFormatError(f"{where}: field {field!r}: missing")
-    t = obj["arrival_s"]
-    if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-        raise bad("arrival_s", "a finite number >= 0")
-    for field in ("input_len", "output_len"):
-        if not _is_int(obj[field]) or obj[field] < 1:
-            raise bad(field, "an integer >= 1")
-    tokens = obj.get("prompt_tokens")
-    if tokens is not None:
-        if (
-            not isinstance(tokens, list)
-            or not set(map(type, tokens)) <= {int}
-            or (tokens and min(tokens) < 0)
-        ):
-            raise TraceFormatError(f"{where}: field 'prompt_tokens': expected a list of integers >= 0")
-        if len(tokens) != obj["input_len"]:
-            raise TraceFormatError(
-                f"{where}: field 'prompt_tokens': {len(tokens)} tokens but input_len is {obj['input_len']}"
-            )
-    group = obj.get("prefix_group")
-    if group is not None and not _is_int(group):
-        raise bad("prefix_group", "an integer or null")
-    session = obj.get("session")
-    if session is not None and not isinstance(session, str):
-        raise bad("session", "a string or null")
-    return TraceRequest(float(t), tokens, obj["input_len"], obj["output_len"], group, session)
-
-
-def load_trace(path: str | Path) -> list[TraceRequest]:
-    """Read a JSON-lines trace (see ``save_trace``). Blank lines are skipped; arrivals must not go backwards.
-
-    Raises ``TraceFormatError`` naming the file, line number and field of the first bad line.
-    """
-    trace: list[TraceRequest] = []
-    with Path(path).open() as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceFormatError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
-            req = _parse_line(obj, where)
-            if trace and req.arrival_s < trace[-1].arrival_s:
-                raise TraceFormatError(
-                    f"{where}: field 'arrival_s': {req.arrival_s} is before the previous line's "
-                    f"{trace[-1].arrival_s}; traces must be sorted by arrival time"
-                )
-            trace.append(req)
-    return trace
