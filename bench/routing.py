@@ -27,12 +27,13 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.workloads import MODEL, BenchRequest, Scale, build
+from bench.workloads import MODEL, BenchRequest, Scale, build, from_trace
 from harness.procs import ManagedProcess, ProcessError, free_port
 from harness.simpods import Pod, sim_pod_process
 from kvscale.engine_stats import ScrapeError, scrape
 from kvscale.latency import DEFAULT_MODEL, StepCoefficients, load_latency_model
 from kvscale.loadgen import stream_completion
+from kvscale.traces.format import TraceRequest
 from router.policies.best import POLICIES as BEST_POLICIES
 from router.policies.kv_events import POLICIES as KV_EVENTS_POLICIES
 
@@ -68,6 +69,8 @@ class BenchConfig:
     engine: str = "sim"  # "sim": simulator pods, fresh per configuration; "vllm-cpu": real vLLM pods, shared
     model_dir: str | None = None  # vllm-cpu: the served model directory (None: build the tiny test model)
     repeat: int = 1  # interleaved rounds over the configurations; figures are the medians over rounds
+    trace: list[TraceRequest] | None = None  # a recorded trace replayed instead of the workload
+    max_model_len: int = 8192
 
 
 @dataclass
@@ -142,7 +145,7 @@ def _start_pods(cfg: BenchConfig, latency_path: Path, logs: Path, roles: list[st
     for i, role in enumerate(roles):
         pod = sim_pod_process(
             latency_path, log_path=logs / f"pod{i}-{role}.log", role=role, kv_events=True,
-            args=["--block-size", "16", "--max-model-len", "8192", "--max-num-seqs", "256",
+            args=["--block-size", "16", "--max-model-len", str(cfg.max_model_len), "--max-num-seqs", "256",
                   "--num-gpu-blocks", str(cfg.num_gpu_blocks),
                   "--max-num-batched-tokens", str(cfg.max_num_batched_tokens)],
         )  # fmt: skip
@@ -389,8 +392,11 @@ def _start_vllm_pods(cfg: BenchConfig, logs: Path) -> list[Pod]:
 
 
 def run(cfg: BenchConfig) -> dict[str, Any]:
-    requests = build(cfg.workload, backends=cfg.backends, rate=cfg.rate, duration=cfg.duration, seed=cfg.seed,
-                     scale=cfg.scale)  # fmt: skip
+    if cfg.trace is not None:
+        requests = from_trace(cfg.trace)
+    else:
+        requests = build(cfg.workload, backends=cfg.backends, rate=cfg.rate, duration=cfg.duration, seed=cfg.seed,
+                         scale=cfg.scale)  # fmt: skip
     names = cfg.policies or default_policies(cfg.workload, cfg.pd)
     work = Path(tempfile.mkdtemp(prefix="kvscale-bench-routing-"))
     shared: list[Pod] | None = None

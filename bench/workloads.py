@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from simulator.workload import poisson
+from kvscale.traces.format import TraceRequest
+from simulator.workload import completion_body, poisson
 
 WORKLOADS = ("shared-prefix", "multi-turn", "mixed-length", "prefill-heavy")
 MODEL = "sim-model"
@@ -102,3 +103,9 @@ def build(name: str, *, backends: int, rate: float, duration: float, seed: int =
             s["turns"] += 1
             s["next_at"] = t + rng.expovariate(0.5)
     return out
+
+
+def from_trace(trace: list[TraceRequest]) -> list[BenchRequest]:
+    """A recorded trace's requests as the benchmark sends them: token-id prompts (prefix blocks expanded exactly as
+    the virtual clock expands them, so both drivers see the same sharing), ``max_tokens`` = the output length."""
+    return [BenchRequest(t.arrival_s, completion_body(t, MODEL, i), kind="trace") for i, t in enumerate(trace)]

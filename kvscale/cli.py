@@ -20,10 +20,14 @@ _PARTS = {
     "demo": "demo.main",
     "profile": "predictor.cli",
     "scaler": "scaler.cli",
-    "eval": "scaler.evaluate.cli",
     "router": "router.cli",
     "bench": "bench.cli",
     "trace": "kvscale.traces.cli",
+}
+# Commands whose sub-commands come from several parts: (help, modules); each module's ``register`` receives the
+# group's subparsers (``kvscale eval scaling`` from the scaler, ``kvscale eval routing`` from the router).
+_GROUPS = {
+    "eval": ("evaluations on the virtual-clock simulator", ("scaler.evaluate.cli", "router.evaluate.cli")),
 }
 
 
@@ -34,9 +38,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kvscale {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    modules = [_PARTS[command]] if command in _PARTS else list(dict.fromkeys(_PARTS.values()))
-    for name in modules:
-        importlib.import_module(name).register(sub)
+    known = command in _PARTS or command in _GROUPS
+    for name, module in _PARTS.items():
+        if not known or name == command:
+            importlib.import_module(module).register(sub)
+    for name, (help_text, modules) in _GROUPS.items():
+        if not known or name == command:
+            group = sub.add_parser(name, help=help_text).add_subparsers(dest=f"{name}_command", required=True)
+            for module in modules:
+                importlib.import_module(module).register(group)
     return parser
 
 

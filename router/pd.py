@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvscale.router.pd")
 
-__all__ = ["handle_pd", "prefill_body", "rank_prefill"]
+__all__ = ["handle_pd", "pd_kv_scorer", "prefill_body", "rank_prefill"]
 
 PREFILL_ROLES = ("prefill",)
 DECODE_ROLES = ("decode", "both")
@@ -60,7 +60,7 @@ def prefill_body(body: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _kv_scorer(services: Services, pipeline: Pipeline) -> KVEventsScorer:
+def pd_kv_scorer(services: Services, pipeline: Pipeline) -> KVEventsScorer:
     """The policy's kv-events scorer when it has one (same tokenizer and endpoints), else a shared default."""
     for scorer, _ in pipeline.scorers:
         if isinstance(scorer, KVEventsScorer):
@@ -82,7 +82,7 @@ async def handle_pd(
     state: RouterState, ctx: RequestContext, request: web.Request, pipeline: Pipeline, path: str
 ) -> web.StreamResponse:
     cfg = state.config
-    kv = _kv_scorer(state.services, pipeline)
+    kv = pd_kv_scorer(state.services, pipeline)
     pbody = prefill_body(ctx.body)
     params: dict[str, Any] | None = None
     last = "no prefill backend available"

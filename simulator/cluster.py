@@ -256,8 +256,10 @@ class Cluster:
         sync_interval_s: float = 0.2,
         fast_forward: bool = True,
         backlog_wait_s: float = 3600.0,
+        kv_events: bool = False,
     ) -> None:
         self.latency = latency
+        self.kv_events = kv_events  # engines record KV events; dispatchers with observe_kv_events get them at sync
         self.engine_config = engine_config or EngineConfig(materialize_outputs=False)
         self.startup_s = startup_s
         self.sync_interval_s = sync_interval_s
@@ -275,6 +277,10 @@ class Cluster:
         else:
             d = dispatcher or LeastRequest()
             self.dispatchers = {p: d for p in initial}
+        # Dispatchers that follow the engines' KV events (a router's KV-event index): observe_kv_events(now, view,
+        # events) at each sync, with what each replica's engine published since the last one.
+        self._kv_listeners = list({id(d): d for d in self.dispatchers.values()
+                                   if hasattr(d, "observe_kv_events")}.values())  # fmt: skip
         self.replicas: list[Replica] = []
         self._ids = itertools.count()
         self._events: list[_Event] = []
@@ -305,7 +311,7 @@ class Cluster:
 
     # -- replicas ------------------------------------------------------------------------------------------------
     def _start_replica(self, pool: str, now: float, *, ready_now: bool = False) -> Replica:
-        engine = EngineCore(self.engine_config, self.latency)
+        engine = EngineCore(self.engine_config, self.latency, record_events=self.kv_events)
         ready = now if ready_now else now + self.startup_s
         r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready)
         self.replicas.append(r)  # at index replica_id (ids count from 0; replicas are never removed)
@@ -447,6 +453,11 @@ class Cluster:
             e, v = r.engine, r.view
             v.in_flight = e.num_running + e.num_waiting + r.admitting
             v.running, v.waiting, v.kv_usage, v.synced_s = e.num_running, e.num_waiting, e.kv.usage, now
+            if self.kv_events:
+                events = e.kv.drain_events()
+                if events:
+                    for d in self._kv_listeners:
+                        d.observe_kv_events(now, v, events)
             self._maybe_delete(r, now)
 
     def run(

@@ -20,10 +20,8 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``kvscale eval scaling``."""
-    ev = sub.add_parser("eval", help="evaluations on the virtual-clock simulator")
-    esub = ev.add_subparsers(dest="eval_command", required=True)
-    scaling = esub.add_parser("scaling", help="replay a trace under KEDA+HPA with kvscale and baseline policies")
+    """Add ``scaling`` to ``kvscale eval`` (``sub``: the eval group's subparsers)."""
+    scaling = sub.add_parser("scaling", help="replay a trace under KEDA+HPA with kvscale and baseline policies")
     add_eval_args(scaling)
     scaling.set_defaults(func=run_cli)
 

@@ -1,0 +1,1 @@
+"""The router's own policies on the virtual-clock cluster (``kvscale eval routing``)."""
