@@ -43,8 +43,11 @@ class RoutingSetup:
     max_model_len: int | None = None  # default: the model's context (the latency model's max_model_len) or 128k
     seed: int = 0
     extra_policies: dict[str, Any] = field(default_factory=dict)
+    engine: EngineConfig | None = None  # the replicas' engine (default: the model's KV capacity, 128k context)
 
     def engine_config(self) -> EngineConfig:
+        if self.engine is not None:
+            return self.engine
         ctx = self.max_model_len or 131072  # Llama-3.1's context; the latency models do not record one
         return EngineConfig(scheduler=SchedulerConfig(max_model_len=ctx), num_gpu_blocks=self.latency.num_gpu_blocks(),
                             materialize_outputs=False)  # fmt: skip
