@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from kvscale.traces.cli import _positive, _window
+from kvscale.traces.cli import positive_number, resized, window_arg
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -26,16 +26,8 @@ def _main(args: argparse.Namespace) -> int:
     real = args.engine == "vllm-cpu"
     trace = None
     if args.trace_file:
-        from kvscale.traces import import_trace, rate_scale, speed, window
-
         try:
-            trace = import_trace(args.format, args.trace_file)
-            if args.window:
-                trace = window(trace, *args.window)
-            if args.rate_scale:
-                trace = rate_scale(trace, args.rate_scale, seed=args.seed)
-            if args.speed:
-                trace = speed(trace, args.speed)
+            trace = resized(args)
         except (ValueError, OSError) as e:
             print(f"kvscale bench routing: error: {e}", file=sys.stderr)
             return 2
@@ -87,8 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-logs", action="store_true", help="keep pod and router logs (path printed)")
     p.add_argument("--trace-file", type=Path, help="replay a recorded trace (instead of --workload/--rate)")
     p.add_argument("--format", default="kvscale", choices=("kvscale", "mooncake", "azure", "burstgpt"))
-    p.add_argument("--window", type=_window, metavar="START:END", help="--trace-file: only [START, END) s")
-    p.add_argument("--speed", type=_positive, metavar="X", help="--trace-file: compress time X times")
-    p.add_argument("--rate-scale", type=_positive, metavar="X", help="--trace-file: X times the rate, same span")
+    p.add_argument("--window", type=window_arg, metavar="START:END", help="--trace-file: only [START, END) s")
+    p.add_argument("--speed", type=positive_number, metavar="X", help="--trace-file: compress time X times")
+    p.add_argument("--rate-scale", type=positive_number, metavar="X", help="--trace-file: X times the rate, same span")
     p.add_argument("--max-model-len", type=int, default=8192, help="sim pods' context limit")
     p.set_defaults(func=_main)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 
-def _window(text: str) -> tuple[float, float]:
+def window_arg(text: str) -> tuple[float, float]:
     try:
         a, b = text.split(":")
         return float(a), float(b)
@@ -16,7 +16,7 @@ def _window(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"expected START:END in seconds, got {text!r}") from None
 
 
-def _positive(text: str) -> float:
+def positive_number(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
@@ -50,10 +50,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     tr = tsub.add_parser("transform", help="compress time, scale the rate or cut a window")
     tr.add_argument("input", type=Path)
     tr.add_argument("--format", default="kvscale", choices=list(IMPORTERS))
-    tr.add_argument("--window", type=_window, metavar="START:END", help="keep [START, END) s, shifted to 0")
-    tr.add_argument("--rate-scale", type=_positive, metavar="X",
+    tr.add_argument("--window", type=window_arg, metavar="START:END", help="keep [START, END) s, shifted to 0")
+    tr.add_argument("--rate-scale", type=positive_number, metavar="X",
                     help="same span, X times the rate (thinned below 1; copies in new prefix namespaces above)")
-    tr.add_argument("--speed", type=_positive, metavar="X", help="compress time X times (every request kept)")
+    tr.add_argument("--speed", type=positive_number, metavar="X", help="compress time X times (every request kept)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--out", required=True, type=Path)
     tr.set_defaults(func=_transform)
@@ -69,6 +69,18 @@ def _load(args: argparse.Namespace) -> list:
 
     opts = {"keep_failed": True} if getattr(args, "keep_failed", False) else {}
     return import_trace(args.format, args.input, **opts)
+
+
+def resized(args: argparse.Namespace) -> list:
+    """The trace of ``args.input`` or ``args.trace_file`` (``args.format``), resized by ``--window``,
+    ``--rate-scale`` and ``--speed`` (each optional): one reading of these flags for every command that has them."""
+    from kvscale.traces.importers import import_trace
+    from kvscale.traces.transform import resize
+
+    path = getattr(args, "input", None) or args.trace_file
+    opts = {"keep_failed": True} if getattr(args, "keep_failed", False) else {}
+    return resize(import_trace(args.format, path, **opts), window_s=args.window, rate=args.rate_scale,
+                  speed_x=args.speed, seed=args.seed)  # fmt: skip
 
 
 def _import(args: argparse.Namespace) -> int:
@@ -118,18 +130,10 @@ def _stats(args: argparse.Namespace) -> int:
 
 def _transform(args: argparse.Namespace) -> int:
     from kvscale.traces.format import save_trace
-    from kvscale.traces.transform import rate_scale, speed, window
-
     if args.window is None and args.rate_scale is None and args.speed is None:
         return _fail(ValueError("give at least one of --window, --rate-scale, --speed"))
     try:
-        trace = _load(args)
-        if args.window is not None:
-            trace = window(trace, *args.window)
-        if args.rate_scale is not None:
-            trace = rate_scale(trace, args.rate_scale, seed=args.seed)
-        if args.speed is not None:
-            trace = speed(trace, args.speed)
+        trace = resized(args)
         if not trace:
             raise ValueError("no request is left")
         save_trace(trace, args.out)

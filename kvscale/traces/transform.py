@@ -73,3 +73,22 @@ def rate_scale(trace: Sequence[TraceRequest], factor: float, seed: int = 0) -> l
                    for i, r in enumerate(trace) if keep[i])  # fmt: skip
     out.sort(key=lambda r: r.arrival_s)
     return out
+
+
+def resize(
+    trace: Sequence[TraceRequest],
+    *,
+    window_s: tuple[float, float] | None = None,
+    rate: float | None = None,
+    speed_x: float | None = None,
+    seed: int = 0,
+) -> list[TraceRequest]:
+    """The transforms of ``kvscale trace transform`` in its order: window, then rate scale, then speed."""
+    out = list(trace)
+    if window_s is not None:
+        out = window(out, *window_s)
+    if rate is not None:
+        out = rate_scale(out, rate, seed=seed)
+    if speed_x is not None:
+        out = speed(out, speed_x)
+    return out

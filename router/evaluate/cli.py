@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from kvscale.latency import DEFAULT_MODEL
-from kvscale.traces.cli import _positive, _window
+from kvscale.traces.cli import positive_number, resized, window_arg
 
 DEFAULT_POLICIES = "round-robin,random,least-request,prefix,kv-events,best"
 
@@ -38,14 +38,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated router policies (presets or "
                    "--policy-config names)")  # fmt: skip
     p.add_argument("--policy-config", type=Path, help='{"policies": {NAME: spec}}, as for kvscale router serve')
-    p.add_argument("--window", type=_window, metavar="START:END", help="replay only [START, END) s of the trace")
-    p.add_argument("--speed", type=_positive, metavar="X", help="compress time X times")
-    p.add_argument("--rate-scale", type=_positive, metavar="X", help="X times the rate at the same span")
-    p.add_argument("--sync-interval-s", type=_positive, default=0.2, help="the router's scrape interval")
+    p.add_argument("--window", type=window_arg, metavar="START:END", help="replay only [START, END) s of the trace")
+    p.add_argument("--speed", type=positive_number, metavar="X", help="compress time X times")
+    p.add_argument("--rate-scale", type=positive_number, metavar="X", help="X times the rate at the same span")
+    p.add_argument("--sync-interval-s", type=positive_number, default=0.2, help="the router's scrape interval")
     p.add_argument("--kv-event-delay-ms", type=float, default=50.0, help="KV events reach the router this late")
     p.add_argument("--kv-event-drop", type=float, default=0.0, help="probability a replica's event batch is lost")
     p.add_argument("--goodput", action="store_true", help="also find each policy's highest speed within the SLO")
-    p.add_argument("--ttft-slo-ms", type=_positive, default=2000.0, help="P90 TTFT target of --goodput")
+    p.add_argument("--ttft-slo-ms", type=positive_number, default=2000.0, help="P90 TTFT target of --goodput")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--plot", type=Path, help="TTFT percentiles and prefix-hit rate per policy (PNG)")
@@ -56,7 +56,6 @@ def run_cli(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from kvscale.latency import load_latency_model
-    from kvscale.traces import import_trace, rate_scale, speed, window
     from router.evaluate.dispatch import policy_names
     from router.evaluate.run import RoutingSetup, evaluate
     from router.policies import PluginConfigError, load_policy_file
@@ -73,13 +72,7 @@ def run_cli(args: argparse.Namespace) -> int:
         if args.kv_event_delay_ms < 0 or not 0 <= args.kv_event_drop <= 1:
             raise ValueError("--kv-event-delay-ms must be >= 0 and --kv-event-drop in [0, 1]")
         latency = load_latency_model(args.latency_model)
-        trace = import_trace(args.format, args.trace_file)
-        if args.window:
-            trace = window(trace, *args.window)
-        if args.rate_scale:
-            trace = rate_scale(trace, args.rate_scale, seed=args.seed)
-        if args.speed:
-            trace = speed(trace, args.speed)
+        trace = resized(args)
         if len(trace) < 2:
             raise ValueError("the trace (after --window) has fewer than 2 requests")
     except (ValueError, OSError, PluginConfigError) as e:
