@@ -16,6 +16,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from bench.routing import BenchConfig, scaled_latency_model
@@ -42,6 +43,7 @@ def _show(result: dict) -> None:
     Console(width=200).print(table(result))
 
 
+@pytest.mark.timeout(5400)
 def test_routing_on_mooncake_and_azure(record_bench, tmp_path) -> None:
     lat = load_latency_model("llama-3.1-8b-h100")
     setup = RoutingSetup(lat, replicas=16)
@@ -62,6 +64,7 @@ def test_routing_on_mooncake_and_azure(record_bench, tmp_path) -> None:
         assert r["completed"] > 0.99 * r["requests"]
 
 
+@pytest.mark.timeout(3600)
 def test_virtual_driver_matches_real_time_pods(record_bench, tmp_path) -> None:
     """4 simulator pods behind `kvscale router serve` vs the virtual cluster, same trace slice and engine."""
     # minutes 14-16 of the trace (its most shared stretch: 0.51 infinite-cache reuse, 0.23 after thinning), thinned
@@ -122,6 +125,7 @@ PEER_SWEEPS: dict[str, list[tuple[str, dict]]] = {
 }
 
 
+@pytest.mark.timeout(5400)
 def test_peers_at_their_best_and_goodput(record_bench) -> None:
     """On a 4-replica slice (minutes 14-16 of Mooncake, its most shared stretch): every peer's knob sweep (default
     first), then the goodput (highest --speed with P90 TTFT <= the SLO) of ours and of each peer at its best."""
