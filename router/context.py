@@ -16,7 +16,7 @@ import xxhash
 from kvscale.hashing import text_block_hashes
 from router.errors import ApiError
 
-__all__ = ["RequestContext", "render_messages", "validate_body"]
+__all__ = ["RequestContext", "all_ints", "render_messages", "validate_body"]
 
 
 def _content_text(content: Any) -> str:
@@ -53,6 +53,11 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def all_ints(values: list[Any]) -> bool:
+    """Every item is an int and none a bool, checked at C speed (id prompts run to 100k+ tokens)."""
+    return set(map(type, values)) <= {int}
+
+
 def validate_body(body: Any, chat: bool) -> tuple[str, str, bool]:
     """Check the fields the router reads; returns (model, prompt text, stream). Raises :class:`ApiError` 400."""
     if not isinstance(body, dict):
@@ -78,8 +83,8 @@ def validate_body(body: Any, chat: bool) -> tuple[str, str, bool]:
             and prompt
             and (
                 all(isinstance(p, str) for p in prompt)
-                or all(_is_int(p) for p in prompt)
-                or all(isinstance(p, list) and p and all(_is_int(t) for t in p) for p in prompt)
+                or all_ints(prompt)
+                or all(isinstance(p, list) and p and all_ints(p) for p in prompt)
             )
         )
         if not ok:

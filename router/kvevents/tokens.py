@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvscale.tokenizer import Tokenizer, load_tokenizer
+from router.context import all_ints
 
 __all__ = ["Tokenizer", "context_token_ids", "load_tokenizer", "prompt_token_ids", "shared_tokenizer"]
 
@@ -29,7 +30,7 @@ def prompt_token_ids(tokenizer: Tokenizer, body: Mapping[str, Any], chat: bool) 
             prompt = prompt[0]
         if isinstance(prompt, str):
             return tokenizer.encode_prompt(prompt)
-        if isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, list) and all_ints(prompt):
             return list(prompt)
     except Exception:  # a chat template may reject a conversation; the engine answers that request with a 400
         return None
