@@ -65,21 +65,20 @@ def _fail(e: Exception) -> int:
 
 
 def _load(args: argparse.Namespace) -> list:
+    """The trace of ``args.input`` (or ``args.trace_file``) read as ``args.format``."""
     from kvscale.traces.importers import import_trace
 
+    path = getattr(args, "input", None) or args.trace_file
     opts = {"keep_failed": True} if getattr(args, "keep_failed", False) else {}
-    return import_trace(args.format, args.input, **opts)
+    return import_trace(args.format, path, **opts)
 
 
 def resized(args: argparse.Namespace) -> list:
     """The trace of ``args.input`` or ``args.trace_file`` (``args.format``), resized by ``--window``,
     ``--rate-scale`` and ``--speed`` (each optional): one reading of these flags for every command that has them."""
-    from kvscale.traces.importers import import_trace
     from kvscale.traces.transform import resize
 
-    path = getattr(args, "input", None) or args.trace_file
-    opts = {"keep_failed": True} if getattr(args, "keep_failed", False) else {}
-    return resize(import_trace(args.format, path, **opts), window_s=args.window, rate=args.rate_scale,
+    return resize(_load(args), window_s=args.window, rate=args.rate_scale,
                   speed_x=args.speed, seed=args.seed)  # fmt: skip
 
 

@@ -67,14 +67,10 @@ class PrefixBlocks:
     def __init__(self) -> None:
         self._hashes: dict[tuple[int, int, int, int], tuple[int, ...]] = {}
 
-    @staticmethod
-    def tokens(blocks: list[int], block_tokens: int, length: int, salt: int) -> np.ndarray:
-        return expand_tokens(blocks, block_tokens, length, salt)
-
     def hashes(self, blocks: list[int], block_tokens: int, length: int, salt: int, block_size: int) -> list[int]:
         """Chained hashes of the prompt's full ``block_size`` blocks, equal to hashing :meth:`tokens`."""
         if block_tokens % block_size:  # engine blocks straddle trace blocks: hash the expanded tokens
-            return block_hashes(self.tokens(blocks, block_tokens, length, salt), block_size)
+            return block_hashes(expand_tokens(blocks, block_tokens, length, salt), block_size)
         out: list[int] = []
         parent = ROOT_HASH
         for i, b in enumerate(blocks):
@@ -107,7 +103,7 @@ class BlockPrompt:
         return self.length
 
     def token_ids(self) -> list[int]:
-        return self.expander.tokens(self.blocks, self.block_tokens, self.length, self.salt).tolist()
+        return expand_tokens(self.blocks, self.block_tokens, self.length, self.salt).tolist()
 
     def __getitem__(self, s: slice) -> list[int]:
         start, stop, step = s.indices(self.length)
@@ -120,7 +116,7 @@ class BlockPrompt:
         if last < len(self.blocks):
             run = expand_tokens(blocks, bt, n, self.salt)
         else:  # reaches the unique tail: expand from `first` on with the same tail (offsets kept)
-            run = self.expander.tokens(self.blocks, bt, self.length, self.salt)[first * bt :]
+            run = expand_tokens(self.blocks, bt, self.length, self.salt)[first * bt :]
         return run[start - first * bt : stop - first * bt].tolist()
 
     def block_hashes(self, block_size: int) -> list[int]:

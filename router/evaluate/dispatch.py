@@ -86,8 +86,7 @@ class PipelineDispatcher:
     def _backend(self, v: ReplicaView) -> Backend:
         b = self._backends.get(v.replica_id)
         if b is None:
-            role = "both" if v.role == "both" else v.role
-            b = self._backends[v.replica_id] = Backend(f"http://{v.name}", role=role,
+            b = self._backends[v.replica_id] = Backend(f"http://{v.name}", role=v.role,
                                                        configured_models=frozenset({self.model}))  # fmt: skip
         b.in_flight = v.in_flight
         if v.synced_s is not None and b.stats_at != v.synced_s:

@@ -27,8 +27,6 @@ from simulator.cluster import Cluster, ClusterResult
 from simulator.engine import EngineConfig
 from simulator.scheduler import SchedulerConfig
 
-DEFAULT_POLICIES = ("round-robin", "random", "least-request", "prefix", "kv-events", "best")
-
 
 @dataclass
 class RoutingSetup:
