@@ -65,7 +65,10 @@ async def test_keda_like_loop_scales_up_on_a_step_and_back_down(tmp_path: Path):
             proposal = current if abs(1 - metric / current) <= 0.1 else math.ceil(metric)
             now = time.monotonic() - t0
             recs.append((now, proposal))
-            window = [p for t, p in recs if t >= now - 4.0]  # scale-down stabilization (4 s here)
+            # HPA scale-down stabilization, 8 s here (compressed like the 1 s signal interval; the committed
+            # ScaledObject has 30 s). At 4 s, CI once passed the scaler's need wobbling 4/3/4 under the step
+            # (5 sim pods + load on 2 cores) straight through as replica flaps.
+            window = [p for t, p in recs if t >= now - 8.0]
             desired = max(1, proposal if proposal >= current else min(current, max(window)))
             while len(pool) < desired:
                 pool.append(await start_sim_pod(slow_latency_model(), max_model_len=2048))
@@ -83,7 +86,7 @@ async def test_keda_like_loop_scales_up_on_a_step_and_back_down(tmp_path: Path):
             step_at = time.monotonic() - t0
             await poisson_load(http, lambda: pool, 15.0, 18.0, seed=2, stats=stats)
             end_step = len(history)
-            await poisson_load(http, lambda: pool, 1.0, 16.0, seed=3, stats=stats)
+            await poisson_load(http, lambda: pool, 1.0, 20.0, seed=3, stats=stats)
             stop.set()
             await loop
     finally:
@@ -92,14 +95,15 @@ async def test_keda_like_loop_scales_up_on_a_step_and_back_down(tmp_path: Path):
             await p.stop()
 
     replicas = [r for _, _, r in history]
+    trail = f"metric {[m for _, m, _ in history]}, replicas {replicas}"  # one per KEDA poll (1 s)
     assert stats.failed == 0 and stats.ok > 200
-    assert max(replicas[:end_step]) >= 3, history  # scaled up under the 5x step (~15 / 5.2 per replica)
-    assert replicas[-1] <= 2, history  # and back down after it
+    assert max(replicas[:end_step]) >= 3, trail  # scaled up under the 5x step (~15 / 5.2 per replica)
+    assert replicas[-1] <= 2, trail  # and back down after it
     # without oscillation: the replica count changes direction at most once (up..., then down...)
     moves = [b - a for a, b in itertools.pairwise(replicas) if b != a]
     reversals = sum(1 for a, b in itertools.pairwise(moves) if (a > 0) != (b > 0))
-    assert reversals <= 1, history
+    assert reversals <= 1, trail
     # the scaler's metric reacted to the step within a few signal intervals (1 s each; KEDA polls every 1 s)
     first_up = next(t for t, m, _ in history if m >= 3 or (t >= step_at and m >= 2))
     print(f"\nstep at {step_at:.1f}s, metric rose at {first_up:.1f}s; history (t, metric, replicas): {history}")
-    assert first_up - step_at <= 4.0, history
+    assert first_up - step_at <= 4.0, trail
