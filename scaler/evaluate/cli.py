@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,15 +28,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    from kvscale.traces.cli import positive_number, window_arg
+    from kvscale.traces.importers import IMPORTERS
     from simulator.workload import WORKLOADS  # the workload names (numpy only; not the engine)
 
-    p.add_argument("--trace", default="diurnal", choices=TRACES)
+    p.add_argument("--trace", default="diurnal", choices=TRACES, help="a synthetic trace (with --workload)")
+    p.add_argument("--trace-file", type=Path, default=None,
+                   help="replay a recorded trace instead (any format of `kvscale trace import`); sized by "
+                        "--peak-replicas unless --rate-scale is given")  # fmt: skip
+    p.add_argument("--format", default="kvscale", choices=list(IMPORTERS), help="--trace-file's format")
+    p.add_argument("--window", type=window_arg, metavar="START:END", help="--trace-file: keep [START, END) s")
+    p.add_argument("--rate-scale", type=positive_number, metavar="X",
+                   help="--trace-file: X times its rate (as `kvscale trace transform`), instead of --peak-replicas")
+    p.add_argument("--speed", type=positive_number, metavar="X", help="--trace-file: compress time X times")
     p.add_argument("--workload", default="chat", choices=list(WORKLOADS))
     p.add_argument("--pools", default="aggregated", choices=("aggregated", "pd"))
     p.add_argument("--startup-seconds", type=float, default=90.0, help="pod cold start (s)")
-    p.add_argument("--duration", type=float, default=3600.0, help="trace length (virtual s)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="synthetic trace length (virtual s; default 3600); a trace file runs its whole span")
     p.add_argument("--rate", type=float, default=None, help="mean req/s (default: sized by --peak-replicas)")
-    p.add_argument("--peak-replicas", type=float, default=6.0, help="size the default rate so the peak needs this")
+    p.add_argument("--peak-replicas", type=float, default=6.0,
+                   help="size the rate (synthetic: the default --rate; a trace file: its rate scale) so that the "
+                        "busiest minute needs this many replicas")  # fmt: skip
     p.add_argument("--latency-model", default=DEFAULT_MODEL)
     p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
     p.add_argument("--itl-slo-ms", type=float, default=50.0)
@@ -48,6 +62,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvscale-hpa", default="committed", choices=("committed", "default"),
                    help="HPA behaviour of kvscale: the committed ScaledObject's (deploy/overlays) or the Kubernetes "
                         "defaults (kvscale-hpa-default always runs under the defaults)")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=0,
+                   help="policies run at once, each in a worker process (default 0: one per CPU core)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG of load and replicas over time here")
 
@@ -61,13 +77,24 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
             raise ValueError(f"--metadata {item!r}: expected KEY=VALUE")
         k, v = item.split("=", 1)
         md[k] = v
+    requests = None
+    if args.trace_file is not None:
+        from kvscale.traces.cli import resized
+
+        if args.duration is not None:
+            raise ValueError("--duration applies to the synthetic traces; cut a trace file with --window")
+        requests = resized(args)
+    elif args.window or args.rate_scale or args.speed:
+        raise ValueError("--window, --rate-scale and --speed apply to --trace-file")
     return EvalConfig(
         trace=args.trace, workload=args.workload, pools=args.pools, latency_model=args.latency_model,
-        startup_s=args.startup_seconds, duration_s=args.duration, rate=args.rate, peak_replicas=args.peak_replicas,
+        startup_s=args.startup_seconds, duration_s=3600.0 if args.duration is None else args.duration,
+        rate=args.rate, peak_replicas=args.peak_replicas,
         ttft_slo_ms=args.ttft_slo_ms, itl_slo_ms=args.itl_slo_ms, slo_percentile=args.slo_percentile,
         seed=args.seed, gpus_per_replica=args.gpus_per_replica,
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), metadata=md,
-        kvscale_hpa=args.kvscale_hpa,
+        kvscale_hpa=args.kvscale_hpa, requests=requests,
+        trace_name=args.trace_file.name if args.trace_file is not None else "", size_to_peak=args.rate_scale is None,
     )  # fmt: skip
 
 
@@ -82,7 +109,8 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ValueError, LookupError, MetadataError, LatencyModelError, OSError) as e:
         print(f"kvscale eval scaling: {e}", file=sys.stderr)
         return 2
-    res = ev.run(progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    jobs = args.jobs if args.jobs > 0 else (os.cpu_count() or 1)
+    res = ev.run(progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True), jobs=jobs)
     res["goal"] = goal_check(res)
     print_table(res)
     if args.json:

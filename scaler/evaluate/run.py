@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import multiprocessing as mp
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from kvscale.latency import DEFAULT_MODEL, LatencyModel, load_latency_model
+from kvscale.traces.transform import rate_scale
 from predictor.capacity import CapacityView
 from scaler.evaluate import KVSCALE_POLICIES, POLICIES, TRACES
 from scaler.evaluate.controllers import HpaController, KvscaleProducer, OracleController
@@ -44,6 +47,12 @@ class EvalConfig:
     max_replicas: int = 64
     metadata: dict[str, str] = field(default_factory=dict)  # extra scalerMetadata for kvscale
     kvscale_hpa: str = "committed"  # committed: the ScaledObject's HPA behaviour | default: Kubernetes defaults
+    # A recorded trace (kvscale.traces) instead of the synthetic ``trace`` x ``workload``; ``trace_name`` labels it.
+    # With ``size_to_peak`` its rate is scaled (kvscale.traces.transform.rate_scale) so that the oracle's busiest
+    # bucket needs ``peak_replicas``; ``duration_s`` becomes the trace's span.
+    requests: list[TraceRequest] | None = None
+    trace_name: str = ""
+    size_to_peak: bool = True
 
     def pool_names(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.pools == "pd" else ("aggregated",)
@@ -65,9 +74,9 @@ class Evaluation:
     """Builds the trace, the SLO and the capacity model once; runs each policy on a fresh cluster."""
 
     def __init__(self, cfg: EvalConfig) -> None:
-        if cfg.trace not in TRACES:
+        if cfg.requests is None and cfg.trace not in TRACES:
             raise ValueError(f"--trace: expected one of {', '.join(TRACES)}, got {cfg.trace!r}")
-        if cfg.workload not in WORKLOADS:
+        if cfg.requests is None and cfg.workload not in WORKLOADS:
             raise ValueError(f"--workload: expected one of {', '.join(WORKLOADS)}, got {cfg.workload!r}")
         if cfg.pools not in ("aggregated", "pd"):
             raise ValueError(f"--pools: expected aggregated or pd, got {cfg.pools!r}")
@@ -76,23 +85,57 @@ class Evaluation:
             raise ValueError(f"--policies: unknown {sorted(unknown)}; valid: {', '.join(POLICIES)}")
         if cfg.kvscale_hpa not in ("committed", "default"):
             raise ValueError(f"--kvscale-hpa: expected committed or default, got {cfg.kvscale_hpa!r}")
-        self.cfg = cfg
+        self.cfg = cfg = replace(cfg)  # a recorded trace sets its duration_s: the caller's config stays as given
         self._committed: dict[str, HpaBehavior] = {}
         if cfg.kvscale_hpa == "committed" and {"kvscale", "kvscale-noforecast"} & set(cfg.policies):
             self._committed = {p: committed_behavior(p) for p in cfg.pool_names()}
         self.model: LatencyModel = load_latency_model(cfg.latency_model)
-        self.spec = WORKLOADS[cfg.workload]
-        self.max_model_len = self.spec.max_input_len + self.spec.max_output_len
+        self.spec = WORKLOADS[cfg.workload] if cfg.requests is None else None
         self.settings = {p: self._settings(p) for p in cfg.pool_names()}
         self.views = {
             p: CapacityView(self.model, ScalingPolicy(s, self.model).slo, s.max_num_seqs)
             for p, s in self.settings.items()
         }
-        self.rate = cfg.rate if cfg.rate is not None else self._default_rate()
-        self.trace = build_trace(cfg.trace, cfg.workload, self.rate, cfg.duration_s, seed=cfg.seed)
+        self.scale = 1.0  # the rate factor applied to a recorded trace
+        if cfg.requests is not None:
+            self.trace = self._recorded_trace(cfg.requests)
+            self.max_model_len = max(r.input_len + r.output_len for r in self.trace)
+            self.rate = len(self.trace) / cfg.duration_s
+        else:
+            self.max_model_len = self.spec.max_input_len + self.spec.max_output_len
+            self.rate = cfg.rate if cfg.rate is not None else self._default_rate()
+            self.trace = build_trace(cfg.trace, cfg.workload, self.rate, cfg.duration_s, seed=cfg.seed)
         if not self.trace:
             raise ValueError("the trace is empty: raise --rate or --duration")
         self.schedules = {p: self._oracle_schedule(p) for p in cfg.pool_names()}
+
+    def _recorded_trace(self, requests: list[TraceRequest]) -> list[TraceRequest]:
+        """A recorded trace sized to ``peak_replicas`` (when ``size_to_peak``); sets ``duration_s`` to its span."""
+        if not requests:
+            raise ValueError("the trace file holds no requests")
+        if self.cfg.rate is not None:
+            raise ValueError("--rate applies to the synthetic traces; size a trace file with --peak-replicas or "
+                             "--rate-scale")  # fmt: skip
+        trace = sorted(requests, key=lambda r: r.arrival_s)
+        span = trace[-1].arrival_s + 1.0
+        self.cfg.duration_s = span
+        if self.cfg.size_to_peak:
+            peak = max(float(self._needs(p, trace).max()) for p in self.cfg.pool_names())
+            if not peak > 0:
+                raise ValueError("the trace asks for no capacity (every request empty?)")
+            # rate_scale draws its copies (or thinning) at random, which moves the peak a little: correct the
+            # factor on the drawn trace, a few times, keeping the closest
+            base, best = trace, (math.inf, 1.0, trace)
+            factor = self.cfg.peak_replicas / peak
+            for _ in range(4):
+                drawn = sorted(rate_scale(base, factor, seed=self.cfg.seed), key=lambda r: r.arrival_s)
+                got = max(float(self._needs(p, drawn).max()) for p in self.cfg.pool_names())
+                best = min(best, (abs(got - self.cfg.peak_replicas), factor, drawn), key=lambda b: b[0])
+                if not got > 0 or abs(got / self.cfg.peak_replicas - 1.0) < 0.02:
+                    break
+                factor *= self.cfg.peak_replicas / got
+            _, self.scale, trace = best
+        return trace
 
     def _settings(self, pool: str) -> ScalerSettings:
         c = self.cfg
@@ -125,24 +168,30 @@ class Evaluation:
         per_rps = max(self._need(p, 1.0, float(isl.mean()), float(osl.mean())) for p in self.cfg.pool_names())
         return self.cfg.peak_replicas / per_rps / _peak_factor(self.cfg)
 
-    def _oracle_schedule(self, pool: str) -> np.ndarray:
+    def _needs(self, pool: str, trace: list[TraceRequest]) -> np.ndarray:
+        """The replicas (fractional) each ``oracle_bucket_s`` bucket's arrivals need of ``pool``.
+
+        A recorded trace is planned without prefix-cache hits (its sharing depends on the router); a synthetic
+        workload with shared prefixes at its steady state (every tenant's prefix cached)."""
         b = self.cfg.oracle_bucket_s
         n = math.ceil(self.cfg.duration_s / b) + 1
-        t = np.array([r.arrival_s for r in self.trace])
-        isl = np.array([r.input_len for r in self.trace], dtype=np.float64)
-        osl = np.array([r.output_len for r in self.trace], dtype=np.float64)
-        idx = (t // b).astype(np.int64)
+        t = np.array([r.arrival_s for r in trace])
+        isl = np.array([r.input_len for r in trace], dtype=np.float64)
+        osl = np.array([r.output_len for r in trace], dtype=np.float64)
+        idx = np.minimum((t // b).astype(np.int64), n - 1)
         counts = np.bincount(idx, minlength=n)
         isl_sum = np.bincount(idx, weights=isl, minlength=n)
         osl_sum = np.bincount(idx, weights=osl, minlength=n)
         cached = 0.0
-        if self.spec.shared_prefix:  # steady state: every tenant's prefix is cached
+        if self.spec is not None and self.spec.shared_prefix:
             cached = min(0.98, (self.spec.prefix_len // 16 * 16) / max(float(isl.mean()), 1.0))
-        out = np.ones(n, dtype=np.int64)
-        for i in range(n):
-            if counts[i]:
-                need = self._need(pool, counts[i] / b, isl_sum[i] / counts[i], osl_sum[i] / counts[i], cached)
-                out[i] = max(1, math.ceil(need - 1e-9))
+        out = np.zeros(n)
+        for i in np.flatnonzero(counts):
+            out[i] = self._need(pool, counts[i] / b, isl_sum[i] / counts[i], osl_sum[i] / counts[i], cached)
+        return out
+
+    def _oracle_schedule(self, pool: str) -> np.ndarray:
+        out = np.maximum(1, np.ceil(self._needs(pool, self.trace) - 1e-9)).astype(np.int64)
         return np.minimum(out, self.cfg.max_replicas)
 
     def _cluster(self, replicas: dict[str, int]) -> Cluster:
@@ -298,12 +347,45 @@ class Evaluation:
             "ttft_p99_s": s["ttft_p99_s"],
             "itl_p90_s": s["itl_p90_s"],
             "scale_events": int(events),
+            "max_replicas": max((n for _, n in _total_timeline(result, self.cfg.pool_names())), default=0),
+            "requests_dropped": int(sum(1 for r in result.records if r.dropped)),
         }
 
-    def run(self, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    def policy_figures(self, name: str) -> dict[str, Any]:
+        """One policy's run, as the results record it: its figures (with ``wall_s``), timeline and HPA."""
+        result, events, wall = self.run_policy(name)
+        return {
+            "figures": self.summarize(result, events) | {"wall_s": wall},
+            "timeline": _total_timeline(result, self.cfg.pool_names()),
+            "hpa": {p: b.describe() if b is not None else "no HPA (sets replicas directly)"
+                    for p, b in self.hpa_behaviors(name).items()},  # fmt: skip
+        }
+
+    def _each_policy(self, jobs: int) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(name, :meth:`policy_figures`) per policy, in ``cfg.policies`` order; ``jobs`` > 1 runs them in forked
+        worker processes (the policies are independent runs of one trace; a fork shares this evaluation's trace
+        and models without pickling them)."""
+        names = list(self.cfg.policies)
+        jobs = min(jobs, len(names))
+        if jobs <= 1 or "fork" not in mp.get_all_start_methods():
+            for name in names:
+                yield name, self.policy_figures(name)
+            return
+        global _FORKED
+        _FORKED = self
+        try:
+            with ProcessPoolExecutor(jobs, mp_context=mp.get_context("fork")) as pool:
+                yield from zip(names, pool.map(_forked_policy, names), strict=True)
+        finally:
+            _FORKED = None
+
+    def run(self, progress: Callable[[str], None] | None = None, jobs: int = 1) -> dict[str, Any]:
+        """Every policy of ``cfg.policies``; ``jobs``: how many run at once (worker processes)."""
+        t0 = time.perf_counter()
         out: dict[str, Any] = {
-            "trace": self.cfg.trace,
-            "workload": self.cfg.workload,
+            "trace": (self.cfg.trace_name or "trace file") if self.cfg.requests is not None else self.cfg.trace,
+            "workload": "recorded" if self.cfg.requests is not None else self.cfg.workload,
+            "rate_scale": self.scale,
             "pools": self.cfg.pools,
             "latency_model": self.model.name,
             "rate_rps": self.rate,
@@ -316,20 +398,27 @@ class Evaluation:
             "hpa": {},
             "timelines": {},
         }
-        for name in self.cfg.policies:
-            result, events, wall = self.run_policy(name)
-            out["policies"][name] = self.summarize(result, events)
-            out["policies"][name]["wall_s"] = wall
-            out["timelines"][name] = _total_timeline(result, self.cfg.pool_names())
-            out["hpa"][name] = {p: b.describe() if b is not None else "no HPA (sets replicas directly)"
-                                for p, b in self.hpa_behaviors(name).items()}  # fmt: skip
+        for name, r in self._each_policy(jobs):
+            out["policies"][name] = r["figures"]
+            out["timelines"][name] = r["timeline"]
+            out["hpa"][name] = r["hpa"]
             if progress:
-                progress(f"{name}: {wall:.1f}s wall")
+                progress(f"{name}: {r['figures']['wall_s']:.1f}s wall")
+        out["wall_s"] = time.perf_counter() - t0
+        out["jobs"] = max(1, min(jobs, len(self.cfg.policies)))
         out["load"] = _load_series(self.trace, 60.0)
         out["reactive_bound"] = {"slo_attainment": self.reactive_attainment_bound(),
                                  "reaction_s": next(iter(self.settings.values())).signal_interval_s
                                  + self.cfg.startup_s}  # fmt: skip
         return out
+
+
+_FORKED: Evaluation | None = None  # the evaluation a forked worker inherits (set only around the pool's life)
+
+
+def _forked_policy(name: str) -> dict[str, Any]:
+    assert _FORKED is not None, "policy workers are forked from Evaluation._each_policy"
+    return _FORKED.policy_figures(name)
 
 
 def _total_timeline(result: ClusterResult, pools: tuple[str, ...]) -> list[tuple[float, int]]:
