@@ -123,6 +123,10 @@ class Evaluation:
             peak = max(float(self._needs(p, trace).max()) for p in self.cfg.pool_names())
             if not peak > 0:
                 raise ValueError("the trace asks for no capacity (every request empty?)")
+            if math.isinf(peak):
+                raise ValueError(f"no replica meets the SLO (TTFT {self.cfg.ttft_slo_ms:g} ms, ITL "
+                                 f"{self.cfg.itl_slo_ms:g} ms) at this trace's request sizes in its busiest minute: "
+                                 "raise --ttft-slo-ms / --itl-slo-ms, or give --rate-scale")  # fmt: skip
             # rate_scale draws its copies (or thinning) at random, which moves the peak a little: correct the
             # factor on the drawn trace, a few times, keeping the closest
             base, best = trace, (math.inf, 1.0, trace)
@@ -191,8 +195,8 @@ class Evaluation:
         return out
 
     def _oracle_schedule(self, pool: str) -> np.ndarray:
-        out = np.maximum(1, np.ceil(self._needs(pool, self.trace) - 1e-9)).astype(np.int64)
-        return np.minimum(out, self.cfg.max_replicas)
+        need = np.minimum(self._needs(pool, self.trace), self.cfg.max_replicas)  # inf (SLO unattainable): the max
+        return np.maximum(1, np.ceil(need - 1e-9)).astype(np.int64)
 
     def _cluster(self, replicas: dict[str, int]) -> Cluster:
         kv = self.model.extra.get("kv_cache")

@@ -92,3 +92,10 @@ def test_bad_input_is_a_clear_error(args: list[str], message: str, tmp_path: Pat
     args = [subs.get(a, a) for a in args]
     assert main(["eval", "scaling", *args, "--policies", "oracle", "--jobs", "1"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_slo_no_replica_meets_is_named_not_sized(azure_3min: list) -> None:
+    with pytest.raises(ValueError, match="no replica meets the SLO"):
+        _evaluation(azure_3min, ttft_slo_ms=60.0)  # below one prefill of the trace's mean prompt
+    as_given = _evaluation(azure_3min, ttft_slo_ms=60.0, size_to_peak=False)  # at --rate-scale: runs, plans the max
+    assert int(as_given.schedules["aggregated"].max()) == as_given.cfg.max_replicas
