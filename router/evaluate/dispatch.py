@@ -157,3 +157,15 @@ class PrefillDispatcher(PipelineDispatcher):
         chosen = rank_prefill(self._context(req), backends, self.kv)[0]
         chosen.in_flight += 1
         return candidates[backends.index(chosen)]
+
+
+def cluster_dispatchers(policy: str, pd: bool, **kw: Any) -> tuple[Any, PipelineDispatcher, bool]:
+    """What a :class:`~simulator.cluster.Cluster` routes with under router ``policy``: its ``dispatcher`` argument,
+    the dispatcher whose counters report (aggregated: the one; P/D: the prefill leg's) and whether the cluster must
+    record KV events. P/D as the router's P/D handler: the prefill pod by cached tokens then load
+    (:class:`PrefillDispatcher`), the decode pod by ``least-request``. ``kw``: :class:`PipelineDispatcher`'s."""
+    if not pd:
+        d = PipelineDispatcher(policy, **kw)
+        return d, d, d.uses_kv_events
+    d = PrefillDispatcher(policy, **kw)
+    return {"prefill": d, "decode": PipelineDispatcher("least-request", **kw)}, d, True

@@ -22,7 +22,7 @@ from kvscale.latency import LatencyModel
 from kvscale.traces.format import TraceRequest
 from kvscale.traces.stats import prefix_reuse
 from kvscale.traces.transform import speed as speed_up
-from router.evaluate.dispatch import PipelineDispatcher, PrefillDispatcher
+from router.evaluate.dispatch import cluster_dispatchers
 from simulator.cluster import Cluster, ClusterResult
 from simulator.engine import EngineConfig
 from simulator.scheduler import SchedulerConfig
@@ -70,14 +70,11 @@ def run_policy(trace: Sequence[TraceRequest], policy: str, setup: RoutingSetup) 
     """One policy on one trace: the figures of the module docstring (without goodput)."""
     kw = {"extra_policies": setup.extra_policies, "seed": setup.seed, "kv_event_delay_s": setup.kv_event_delay_s,
           "kv_event_drop": setup.kv_event_drop}  # fmt: skip
+    dispatchers, d, kv_events = cluster_dispatchers(policy, setup.pools is not None, **kw)
     if setup.pools is None:
-        d = PipelineDispatcher(policy, **kw)
-        dispatchers: Any = d
-        replicas, kv_events = {"aggregated": setup.replicas}, d.uses_kv_events
-    else:  # the router's P/D handler: prefill pod by cached tokens then load, decode pod by least-request
-        d = PrefillDispatcher(policy, **kw)
-        dispatchers = {"prefill": d, "decode": PipelineDispatcher("least-request", **kw)}
-        replicas, kv_events = {"prefill": setup.pools[0], "decode": setup.pools[1]}, True
+        replicas = {"aggregated": setup.replicas}
+    else:
+        replicas = {"prefill": setup.pools[0], "decode": setup.pools[1]}
     cluster = Cluster(setup.latency, setup.engine_config(), replicas=replicas, dispatcher=dispatchers,
                       sync_interval_s=setup.sync_interval_s, kv_events=kv_events)  # fmt: skip
     watch = _Imbalance()

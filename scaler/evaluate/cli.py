@@ -62,6 +62,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvscale-hpa", default="committed", choices=("committed", "default"),
                    help="HPA behaviour of kvscale: the committed ScaledObject's (deploy/overlays) or the Kubernetes "
                         "defaults (kvscale-hpa-default always runs under the defaults)")  # fmt: skip
+    p.add_argument("--router-policy", default=None, metavar="NAME",
+                   help="the router policy (a `kvscale router serve --policy` preset, e.g. kv-events, best, "
+                        "peer:llm-d) that dispatches on the virtual cluster; default: the cluster's own "
+                        "least-request dispatch")  # fmt: skip
     p.add_argument("--jobs", type=int, default=0,
                    help="policies run at once, each in a worker process (default 0: one per CPU core)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
@@ -93,7 +97,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         ttft_slo_ms=args.ttft_slo_ms, itl_slo_ms=args.itl_slo_ms, slo_percentile=args.slo_percentile,
         seed=args.seed, gpus_per_replica=args.gpus_per_replica,
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), metadata=md,
-        kvscale_hpa=args.kvscale_hpa, requests=requests,
+        kvscale_hpa=args.kvscale_hpa, requests=requests, router_policy=args.router_policy,
         trace_name=args.trace_file.name if args.trace_file is not None else "", size_to_peak=args.rate_scale is None,
     )  # fmt: skip
 

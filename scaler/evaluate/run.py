@@ -53,6 +53,9 @@ class EvalConfig:
     requests: list[TraceRequest] | None = None
     trace_name: str = ""
     size_to_peak: bool = True
+    # The router policy (router/policies: a preset name) that dispatches on the virtual cluster; None: the
+    # cluster's own least-request dispatch
+    router_policy: str | None = None
 
     def pool_names(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.pools == "pd" else ("aggregated",)
@@ -86,6 +89,12 @@ class Evaluation:
         if cfg.kvscale_hpa not in ("committed", "default"):
             raise ValueError(f"--kvscale-hpa: expected committed or default, got {cfg.kvscale_hpa!r}")
         self.cfg = cfg = replace(cfg)  # a recorded trace sets its duration_s: the caller's config stays as given
+        if cfg.router_policy is not None:
+            from router.evaluate.dispatch import policy_names
+
+            if cfg.router_policy not in policy_names():
+                raise ValueError(f"--router-policy: unknown {cfg.router_policy!r}; known: "
+                                 f"{', '.join(policy_names())}")  # fmt: skip
         self._committed: dict[str, HpaBehavior] = {}
         if cfg.kvscale_hpa == "committed" and {"kvscale", "kvscale-noforecast"} & set(cfg.policies):
             self._committed = {p: committed_behavior(p) for p in cfg.pool_names()}
@@ -208,7 +217,14 @@ class Evaluation:
             num_gpu_blocks=self.model.num_gpu_blocks(),
             materialize_outputs=False,
         )
-        return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s)
+        if self.cfg.router_policy is None:  # the cluster's own least-request dispatch (the recorded figures)
+            return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s)
+        from router.evaluate.dispatch import cluster_dispatchers  # the router's policy Pipeline, as it routes live
+
+        dispatchers, _, kv_events = cluster_dispatchers(self.cfg.router_policy, self.cfg.pools == "pd",
+                                                        seed=self.cfg.seed, block_size=block)  # fmt: skip
+        return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, dispatcher=dispatchers,
+                       kv_events=kv_events)  # fmt: skip
 
     def initial(self) -> dict[str, int]:
         oracle = OracleController(self.schedules, self.cfg.oracle_bucket_s, self.cfg.startup_s)
@@ -353,6 +369,7 @@ class Evaluation:
             "scale_events": int(events),
             "max_replicas": max((n for _, n in _total_timeline(result, self.cfg.pool_names())), default=0),
             "requests_dropped": int(sum(1 for r in result.records if r.dropped)),
+            "prefix_hit_rate": float(result.array("cached_tokens").sum() / max(result.array("input_len").sum(), 1.0)),
         }
 
     def policy_figures(self, name: str) -> dict[str, Any]:
@@ -390,6 +407,7 @@ class Evaluation:
             "trace": (self.cfg.trace_name or "trace file") if self.cfg.requests is not None else self.cfg.trace,
             "workload": "recorded" if self.cfg.requests is not None else self.cfg.workload,
             "rate_scale": self.scale,
+            "router_policy": self.cfg.router_policy or "cluster least-request",
             "pools": self.cfg.pools,
             "latency_model": self.model.name,
             "rate_rps": self.rate,

@@ -99,3 +99,19 @@ def test_an_slo_no_replica_meets_is_named_not_sized(azure_3min: list) -> None:
         _evaluation(azure_3min, ttft_slo_ms=60.0)  # below one prefill of the trace's mean prompt
     as_given = _evaluation(azure_3min, ttft_slo_ms=60.0, size_to_peak=False)  # at --rate-scale: runs, plans the max
     assert int(as_given.schedules["aggregated"].max()) == as_given.cfg.max_replicas
+
+
+MOONCAKE = AZURE.parent / "mooncake-fast25-synthetic.jsonl"
+
+
+def test_the_router_policy_dispatches_and_changes_the_prefix_hits() -> None:
+    trace = window(import_trace("mooncake", MOONCAKE), 0.0, 120.0)
+    cfg = {"requests": trace, "policies": ("static-peak",), "startup_s": 20.0, "peak_replicas": 4.0,
+           "ttft_slo_ms": 6000.0, "itl_slo_ms": 100.0}  # fmt: skip
+    own = Evaluation(EvalConfig(**cfg)).run()
+    routed = Evaluation(EvalConfig(**cfg, router_policy="prefix")).run()
+    assert own["router_policy"] == "cluster least-request" and routed["router_policy"] == "prefix"
+    hit_own, hit_prefix = (r["policies"]["static-peak"]["prefix_hit_rate"] for r in (own, routed))
+    assert 0 <= hit_own < hit_prefix <= 1, (hit_own, hit_prefix)  # the prefix-aware router finds the sharing
+    with pytest.raises(ValueError, match="--router-policy: unknown 'nope'"):
+        Evaluation(EvalConfig(**cfg, router_policy="nope"))
