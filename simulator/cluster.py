@@ -14,7 +14,11 @@ Nothing of the engine itself, so a router's policy (e.g. an adapter around ``rou
 choose here as it does between real endpoints.
 
 Replica lifecycle: ``set_replicas(pool, n)`` starts replicas that serve after ``startup_s`` (the cold start) or
-drains surplus ones (no new requests, deleted when idle). Replica-seconds count from start to deletion.
+drains surplus ones (no new requests, deleted when idle). Which ones drain is the Kubernetes ReplicaSet's choice
+(:func:`deletion_order`: starting pods first, then the lowest ``controller.kubernetes.io/pod-deletion-cost``, which
+a controller may set through :attr:`Cluster.deletion_cost`, then the most recently ready). With ``grace_s`` (the
+pod's ``terminationGracePeriodSeconds``) whatever a draining replica still holds when the grace period ends is
+killed (``RequestRecord.killed``), as the kubelet's SIGKILL does. Replica-seconds count from start to deletion.
 
 P/D: with ``prefill`` and ``decode`` pools, a request is prefilled on a prefill replica (its first token
 discarded, as llm-d does), then decoded on a decode replica, which pays the modelled KV transfer. The prefill
@@ -58,6 +62,7 @@ WAKE = "wake"  # a prefill replica's step boundary [Replica]
 SYNC = "sync"  # the dispatchers' view of every replica is refreshed [None]
 CONTROL = "control"  # a controller tick [Controller]
 READY = "ready"  # a replica finished starting; the router's backlog is dispatched [Replica]
+KILL = "kill"  # a draining replica's grace period ended: what it still holds is killed [Replica]
 
 
 # -- what a dispatcher sees ----------------------------------------------------------------------------------------
@@ -140,6 +145,7 @@ class Replica:
     view: ReplicaView = field(init=False)
     draining: bool = False
     deleted_s: float | None = None
+    killed: int = 0  # requests killed when its grace period ended
     next_wake: float = -1.0
     admitting: int = 0  # dispatched requests still in the API server's per-request overhead (not in the engine)
 
@@ -186,6 +192,7 @@ class RequestRecord:
     tpot_s: float = math.nan
     replica: int = -1
     dropped: bool = False  # no serving replica at arrival and none came up before the end
+    killed: bool = False  # still on a replica when its termination grace period ended (scale-down)
 
 
 @dataclass
@@ -239,6 +246,30 @@ class _Tracked:
     origin: Replica | None = None
 
 
+def deletion_order(replicas: Sequence[Replica], now: float, cost: Callable[[Replica], float] | None = None
+                   ) -> list[Replica]:  # fmt: skip
+    """``replicas`` in the order a ReplicaSet deletes pods on scale-down (first = deleted first).
+
+    Kubernetes' ``ActivePodsWithRanks.Less`` (kubernetes/kubernetes, pkg/controller/controller_utils.go, commit
+    1f8996f8), for running pods of one node each: not ready (still starting) before ready; lower
+    ``pod-deletion-cost`` (``cost``; 0 when unset) first; then, with ``LogarithmicScaleDown`` (on since 1.22),
+    ready for less time first compared on ``floor(log2(ns ready))``, ties broken by UID (pseudo-random; here a
+    fixed hash of the replica id); pods not ready compare their creation time the same way.
+    """
+
+    def log_rank(since: float) -> int:
+        d_ns = (now - since) * 1e9
+        return int(math.log2(d_ns)) if d_ns > 0 else -1
+
+    def key(r: Replica) -> tuple[bool, float, int, int]:
+        ready = r.ready_s <= now
+        c = cost(r) if cost is not None else 0.0
+        uid = (r.replica_id * 2654435761) & 0xFFFFFFFF
+        return ready, c, log_rank(r.ready_s if ready else r.created_s), uid
+
+    return sorted(replicas, key=key)
+
+
 # An event on the queue: (time, order, kind, payload). ``order`` (a counter) makes ties pop first-in first-out and
 # keeps the comparison off kind and payload; plain tuples keep the heap fast (millions of events per run).
 _Event = tuple[float, int, str, Any]
@@ -257,8 +288,12 @@ class Cluster:
         fast_forward: bool = True,
         backlog_wait_s: float = 3600.0,
         kv_events: bool = False,
+        grace_s: float | None = None,
     ) -> None:
         self.latency = latency
+        self.grace_s = grace_s  # terminationGracePeriodSeconds; None: a draining replica finishes all it holds
+        # Per pool, the pod-deletion-cost a controller keeps on its pods (default: unset, 0 for all)
+        self.deletion_cost: dict[str, Callable[[Replica], float]] = {}
         self.kv_events = kv_events  # engines record KV events; dispatchers with observe_kv_events get them at sync
         self.engine_config = engine_config or EngineConfig(materialize_outputs=False)
         self.startup_s = startup_s
@@ -300,6 +335,7 @@ class Cluster:
             SYNC: self._on_sync,
             CONTROL: self._on_control,
             READY: self._on_ready,
+            KILL: self._on_kill,
         }
         # Called as fn(replica, request) when a request (or a P/D prefill leg) finishes on a replica, e.g. to keep
         # per-replica request counters and latency histograms like a real engine's /metrics.
@@ -325,7 +361,7 @@ class Cluster:
         ]
 
     def set_replicas(self, pool: str, n: int, now: float | None = None) -> None:
-        """Scale a pool to ``n`` replicas (starting ones count; the newest are drained first)."""
+        """Scale a pool to ``n`` replicas (starting ones count); surplus ones drain in :func:`deletion_order`."""
         now = self._now if now is None else now
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}")
@@ -336,10 +372,11 @@ class Cluster:
             for _ in range(n - len(live)):
                 self._start_replica(pool, now)
         elif n < len(live):
-            victims = sorted(live, key=lambda r: (r.ready_s <= now, r.in_flight, -r.replica_id))[: len(live) - n]
-            for r in victims:
+            for r in deletion_order(live, now, self.deletion_cost.get(pool))[: len(live) - n]:
                 r.draining = True
                 self._maybe_delete(r, now)
+                if r.deleted_s is None and self.grace_s is not None:
+                    self._push(now + self.grace_s, KILL, r)
         self._record_timeline(now)
 
     def _maybe_delete(self, r: Replica, now: float) -> None:
@@ -480,13 +517,15 @@ class Cluster:
         if controller is not None:
             self._push(controller.interval_s, CONTROL, controller)
         events, handlers, pop = self._events, self._handlers, heapq.heappop
+        end = 0.0  # the last event's time, not counting grace-period ends (they change nothing once idle)
         while events:
             t, _, kind, payload = pop(events)
             if until_s is not None and t > until_s:
                 break
             self._now = t
             handlers[kind](t, payload)
-        end = self._now
+            if kind is not KILL:
+                end = t
         if drain and until_s is None:
             for r in self.replicas:
                 if r.deleted_s is None:
@@ -513,6 +552,10 @@ class Cluster:
     def _on_admit(self, now: float, payload: tuple[Replica, Request]) -> None:
         r, req = payload
         r.admitting -= 1
+        if r.deleted_s is not None:  # killed while in the pod's API server
+            req.user.record.killed = True
+            r.killed += 1
+            return
         self._admit(r, req, now)
 
     def _on_wake(self, now: float, r: Replica) -> None:
@@ -528,6 +571,23 @@ class Cluster:
         controller.tick(now, self)
         if now < self._horizon or self._busy(now, self._horizon, True):
             self._push(now + controller.interval_s, CONTROL, controller)
+
+    def _on_kill(self, now: float, r: Replica) -> None:
+        """The grace period of a draining replica ended: the kubelet kills the pod and what it still holds."""
+        if r.deleted_s is not None:
+            return
+        self._advance(r, now)
+        if r.deleted_s is not None:
+            return
+        for rid in list(r.engine.requests):
+            req = r.engine.abort_request(rid, now)
+            if req is not None and isinstance(req.user, _Tracked):
+                req.user.record.killed = True
+                r.killed += 1
+        for rid in list(r.engine.held):
+            r.engine.release_held(rid)
+        r.deleted_s = now
+        self._record_timeline(now)
 
     def _on_ready(self, now: float, _: Replica) -> None:
         self._record_timeline(now)

@@ -66,6 +66,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="the router policy (a `kvscale router serve --policy` preset, e.g. kv-events, best, "
                         "peer:llm-d) that dispatches on the virtual cluster; default: the cluster's own "
                         "least-request dispatch")  # fmt: skip
+    p.add_argument("--termination-grace-seconds", type=float, default=120.0, metavar="S",
+                   help="the engine pods' terminationGracePeriodSeconds: requests a scaled-down replica still holds "
+                        "S seconds later are killed (default 120, the committed Deployment's)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=0,
                    help="policies run at once, each in a worker process (default 0: one per CPU core)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
@@ -98,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         seed=args.seed, gpus_per_replica=args.gpus_per_replica,
         policies=tuple(p.strip() for p in args.policies.split(",") if p.strip()), metadata=md,
         kvscale_hpa=args.kvscale_hpa, requests=requests, router_policy=args.router_policy,
+        termination_grace_s=args.termination_grace_seconds,
         trace_name=args.trace_file.name if args.trace_file is not None else "", size_to_peak=args.rate_scale is None,
     )  # fmt: skip
 

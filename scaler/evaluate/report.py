@@ -43,12 +43,15 @@ def print_table(res: dict[str, Any], console: Any = None) -> None:
         f"at {res['rate_rps']:.2f} req/s mean, startup {res['startup_s']:.0f}s, SLO TTFT {res['slo']['ttft_s']:.2f}s "
         f"ITL {res['slo']['itl_s'] * 1000:.0f}ms"
     )
-    for col in ("policy", "GPU-hours", "SLO attainment", "TTFT p90", "TTFT p99", "ITL p90", "scale events", "wall"):
+    cols = ("policy", "GPU-hours", "SLO attainment", "TTFT p90", "TTFT p99", "ITL p90", "scale events", "killed",
+            "wall")  # fmt: skip
+    for col in cols:
         table.add_column(col, justify="left" if col == "policy" else "right")
     for name, p in res["policies"].items():
         table.add_row(
             name, f"{p['gpu_hours']:.2f}", f"{p['slo_attainment'] * 100:.2f}%", f"{p['ttft_p90_s']:.3f}s",
-            f"{p['ttft_p99_s']:.3f}s", f"{p['itl_p90_s'] * 1000:.1f}ms", str(p["scale_events"]), f"{p['wall_s']:.1f}s",
+            f"{p['ttft_p99_s']:.3f}s", f"{p['itl_p90_s'] * 1000:.1f}ms", str(p["scale_events"]),
+            str(p.get("requests_killed_by_scale_down", 0)), f"{p['wall_s']:.1f}s",
         )  # fmt: skip
     console.print(table)
     for name, pools in (res.get("hpa") or {}).items():

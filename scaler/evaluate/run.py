@@ -21,7 +21,7 @@ from scaler.evaluate.signals import VirtualSource
 from scaler.hpa import Hpa, HpaBehavior, committed_behavior
 from scaler.metadata import ScalerSettings, parse_scaler_metadata
 from scaler.policy import ScalingPolicy
-from simulator.cluster import Cluster, ClusterResult
+from simulator.cluster import Cluster, ClusterResult, Replica
 from simulator.engine import EngineConfig
 from simulator.scheduler import SchedulerConfig
 from simulator.workload import WORKLOADS, TraceRequest, build_trace
@@ -56,6 +56,9 @@ class EvalConfig:
     # The router policy (router/policies: a preset name) that dispatches on the virtual cluster; None: the
     # cluster's own least-request dispatch
     router_policy: str | None = None
+    # The engine pods' terminationGracePeriodSeconds (deploy/base/engine/deployment.yaml; a test keeps them equal):
+    # what a draining replica still holds that much after its scale-down is killed
+    termination_grace_s: float | None = 120.0
 
     def pool_names(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.pools == "pd" else ("aggregated",)
@@ -88,6 +91,8 @@ class Evaluation:
             raise ValueError(f"--policies: unknown {sorted(unknown)}; valid: {', '.join(POLICIES)}")
         if cfg.kvscale_hpa not in ("committed", "default"):
             raise ValueError(f"--kvscale-hpa: expected committed or default, got {cfg.kvscale_hpa!r}")
+        if cfg.termination_grace_s is not None and not cfg.termination_grace_s >= 0:
+            raise ValueError(f"--termination-grace-seconds: expected >= 0, got {cfg.termination_grace_s:g}")
         self.cfg = cfg = replace(cfg)  # a recorded trace sets its duration_s: the caller's config stays as given
         if cfg.router_policy is not None:
             from router.evaluate.dispatch import policy_names
@@ -217,14 +222,15 @@ class Evaluation:
             num_gpu_blocks=self.model.num_gpu_blocks(),
             materialize_outputs=False,
         )
+        grace = self.cfg.termination_grace_s
         if self.cfg.router_policy is None:  # the cluster's own least-request dispatch (the recorded figures)
-            return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s)
+            return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, grace_s=grace)
         from router.evaluate.dispatch import cluster_dispatchers  # the router's policy Pipeline, as it routes live
 
         dispatchers, _, kv_events = cluster_dispatchers(self.cfg.router_policy, self.cfg.pools == "pd",
                                                         seed=self.cfg.seed, block_size=block)  # fmt: skip
         return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, dispatcher=dispatchers,
-                       kv_events=kv_events)  # fmt: skip
+                       kv_events=kv_events, grace_s=grace)  # fmt: skip
 
     def initial(self) -> dict[str, int]:
         oracle = OracleController(self.schedules, self.cfg.oracle_bucket_s, self.cfg.startup_s)
@@ -245,12 +251,16 @@ class Evaluation:
         behaviors = self.hpa_behaviors(name)
         if name == "oracle":
             controller = OracleController(self.schedules, cfg.oracle_bucket_s, cfg.startup_s)
+            for p in pools:  # it knows everything: its scale-downs remove the replicas with the least work left
+                cluster.deletion_cost[p] = _exact_work
         elif name in KVSCALE_POLICIES:
             producers = []
             hpas = []
             for p in pools:
                 policy = ScalingPolicy(self.settings[p], self.model, forecast=name != "kvscale-noforecast")
-                prod = KvscaleProducer(policy, VirtualSource(cluster, p, self.settings[p], self.max_model_len), cluster)
+                source = VirtualSource(cluster, p, self.settings[p], self.max_model_len)
+                cluster.deletion_cost[p] = source.deletion_cost  # drain-safe scale-down: idle pods go first
+                prod = KvscaleProducer(policy, source, cluster)
                 producers.append(prod)
                 hpas.append(Hpa(p, prod.metric, 1.0, behavior=behaviors[p] or HpaBehavior(), spec=init[p],
                                 max_replicas=cfg.max_replicas))  # fmt: skip
@@ -369,6 +379,7 @@ class Evaluation:
             "scale_events": int(events),
             "max_replicas": max((n for _, n in _total_timeline(result, self.cfg.pool_names())), default=0),
             "requests_dropped": int(sum(1 for r in result.records if r.dropped)),
+            "requests_killed_by_scale_down": int(sum(1 for r in result.records if r.killed)),
             "prefix_hit_rate": float(result.array("cached_tokens").sum() / max(result.array("input_len").sum(), 1.0)),
         }
 
@@ -433,6 +444,11 @@ class Evaluation:
                                  "reaction_s": next(iter(self.settings.values())).signal_interval_s
                                  + self.cfg.startup_s}  # fmt: skip
         return out
+
+
+def _exact_work(r: Replica) -> float:
+    """A replica's requests right now (the oracle's pod-deletion-cost)."""
+    return float(r.engine.num_running + r.engine.num_waiting + r.admitting)
 
 
 _FORKED: Evaluation | None = None  # the evaluation a forked worker inherits (set only around the pool's life)

@@ -27,6 +27,8 @@ class VirtualSource:
         self.history = PodHistory(settings.latency_window_s)
         self._buckets = request_tokens_buckets(max_model_len)
         self._metrics: dict[int, ReplicaCounters] = {}
+        # Each pod's running + waiting requests as of the last read: the pod-deletion-cost the scaler sets
+        self.work: dict[int, float] = {}
         cluster.finish_listeners.append(self._on_finish)
 
     def _m(self, replica_id: int) -> ReplicaCounters:
@@ -52,4 +54,11 @@ class VirtualSource:
     def read(self, now: float) -> PoolSignals:
         # Engines are as of the cluster's last state sync (<= 0.2 s ago), like a scrape that takes a moment.
         pods = [r for r in self.cluster.pool_replicas(self.pool) if r.serving(now)]
-        return self.history.update({r.replica_id: self.stats(r, now) for r in pods}, now)
+        stats = {r.replica_id: self.stats(r, now) for r in pods}
+        self.work = {i: s.running + s.waiting for i, s in stats.items()}
+        return self.history.update(stats, now)
+
+    def deletion_cost(self, r: Replica) -> float:
+        """The ``controller.kubernetes.io/pod-deletion-cost`` the scaler keeps on pod ``r``: its running + waiting
+        requests at the last read (a pod not read yet, e.g. still starting, costs 0)."""
+        return self.work.get(r.replica_id, 0.0)
