@@ -103,6 +103,14 @@ class PodWatch:
         with self._lock:
             return None if self._pods is None else dict(self._pods)
 
+    def annotate(self, name: str, annotations: dict[str, str | None], timeout_s: float = 5.0) -> None:
+        """Merge-patch one pod's annotations (None removes a key). Blocking: call it off the event loop. Needs
+        RBAC ``patch`` on pods; errors (``kubernetes.client.ApiException``, connection errors) propagate."""
+        self._core_api().patch_namespaced_pod(
+            name, self.namespace, {"metadata": {"annotations": annotations}}, _request_timeout=timeout_s,
+            _content_type="application/merge-patch+json",
+        )  # fmt: skip
+
     def wait_first_list(self, timeout: float) -> bool:
         """Block until the first list has succeeded or failed (or ``timeout``); True if it succeeded."""
         self._attempted.wait(timeout)

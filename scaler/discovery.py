@@ -7,10 +7,13 @@ known yet" is never mistaken for "no pods".
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-from kvscale.podwatch import PodWatch, pod_host
+from kvscale.podwatch import PodWatch, pod_field, pod_host
+
+# The annotation a ReplicaSet reads on scale-down: pods with a lower cost are deleted first (Kubernetes >= 1.22).
+DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 
 
 class PodDiscovery(Protocol):
@@ -56,6 +59,7 @@ class KubernetesPods:
         self.namespace, self.selector, self.port, self.path = namespace, selector, port, path
         self.on_change = on_change
         self._last_urls: list[str] | None = None
+        self._sent: dict[str, str] = {}  # pod name -> the deletion cost last patched (until the watch shows it)
         self.watch = PodWatch(
             namespace, selector, api_client=api_client, relist_s=relist_s, retry_s=retry_s,
             on_change=self._pods_changed, name=f"kvscale-discovery-{selector}",
@@ -75,8 +79,34 @@ class KubernetesPods:
         """Watch events applied."""
         return self.watch.events
 
+    def _url_of(self, pod: Any) -> str:
+        return f"http://{pod_host(pod)}:{self.port}{self.path}"
+
     def _urls_of(self, pods: dict[str, Any]) -> list[str]:
-        return sorted(f"http://{pod_host(p)}:{self.port}{self.path}" for p in pods.values())
+        return sorted(self._url_of(p) for p in pods.values())
+
+    def set_deletion_costs(self, costs: Mapping[str, int]) -> int:
+        """Annotate each pod (``costs``: by metrics URL) with :data:`DELETION_COST`, patching only pods whose
+        annotation differs; returns how many were patched. Blocking (API calls): run it off the event loop.
+
+        The scaler calls it only while it asks for fewer pods than there are, so the annotation is fresh when
+        the HPA scales the Deployment down and is not rewritten every interval otherwise (Kubernetes advises
+        against frequent updates of it)."""
+        pods = self.watch.pods() or {}
+        self._sent = {n: v for n, v in self._sent.items() if n in pods}
+        patched = 0
+        for name, pod in sorted(pods.items()):
+            cost = costs.get(self._url_of(pod))
+            if cost is None:
+                continue
+            value = str(int(cost))
+            current = (pod_field(pod, "metadata", "annotations") or {}).get(DELETION_COST)
+            if value in (current, self._sent.get(name)):
+                continue
+            self.watch.annotate(name, {DELETION_COST: value})
+            self._sent[name] = value
+            patched += 1
+        return patched
 
     def urls(self) -> list[str] | None:
         pods = self.watch.pods()

@@ -293,6 +293,10 @@ class ScalerSettings:
     target_utilization: float = key("targetUtilization", "number", "0.8",
                                     "fraction of the modelled per-replica capacity to plan for (tail headroom)",
                                     lo=0.05, hi=1)  # fmt: skip
+    pod_deletion_cost: bool = key("podDeletionCost", "bool", "true",
+                                  "pods mode with podSelector: while asking for fewer pods than there are, set "
+                                  "each pod's controller.kubernetes.io/pod-deletion-cost to its running + waiting "
+                                  "requests, so a scale-down deletes the idlest (RBAC: patch pods)")  # fmt: skip
     max_replicas: int = key("maxReplicas", "int", "100",
                             "most replicas ever asked for (set it to the ScaledObject's maxReplicaCount)",
                             lo=1, hi=100_000)  # fmt: skip

@@ -55,6 +55,14 @@ class ScalerMetrics:
             "kvscale_scaler_pod_read_errors", "Pod metrics pages that could not be read or were implausible (a "
             "failed read of that pod, never a decision input).", LABELS, registry=r,
         )  # fmt: skip
+        self.cost_patches = Counter(
+            "kvscale_scaler_pod_deletion_cost_patches", "Pods whose pod-deletion-cost annotation was set before a "
+            "scale-down.", LABELS, registry=r,
+        )  # fmt: skip
+        self.cost_errors = Counter(
+            "kvscale_scaler_pod_deletion_cost_errors", "Failed pod-deletion-cost updates (e.g. RBAC without patch "
+            "on pods); the scale-down then deletes pods in the ReplicaSet's default order.", LABELS, registry=r,
+        )  # fmt: skip
         self.changes = Counter(
             "kvscale_scaler_scale_changes", "Decisions that changed the desired replica count.", LABELS, registry=r
         )
@@ -96,6 +104,6 @@ class ScalerMetrics:
         for reason in REASONS:
             with contextlib.suppress(KeyError):
                 self.reason.remove(*labels, reason)
-        for c in (self.errors, self.changes, self.pod_errors):
+        for c in (self.errors, self.changes, self.pod_errors, self.cost_patches, self.cost_errors):
             with contextlib.suppress(KeyError):
                 c.remove(*labels)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import aiohttp
 
+from kvscale.engine_stats import EngineStats
 from kvscale.latency import LatencyModel, load_latency_model
 from protos import externalscaler_pb2 as pb
 from scaler.discovery import KubernetesPods, PodDiscovery, StaticPods
@@ -86,6 +87,8 @@ class Tracker:
         self.phase_s = zlib.crc32(f"{key[0]}/{key[1]}".encode()) / 2**32 * settings.signal_interval_s
         self.task: asyncio.Task | None = None
         self.streams = 0  # open StreamIsActive streams: a ScaledObject watched by a stream is alive
+        self.annotating: asyncio.Task | None = None  # a pod-deletion-cost update in flight
+        self.annotate_error: str | None = None  # the last one's error (logged once per distinct error)
         self._changed = asyncio.Condition()
 
     @property
@@ -228,6 +231,8 @@ class ScalerService:
             self.metrics.errors.labels(*tr.labels)  # exported as 0 from the start
             self.metrics.changes.labels(*tr.labels)
             self.metrics.pod_errors.labels(*tr.labels)
+            self.metrics.cost_patches.labels(*tr.labels)
+            self.metrics.cost_errors.labels(*tr.labels)
             tr.task = asyncio.create_task(self._loop(tr), name=f"kvscale-scaler-{key[0]}/{key[1]}")
             self.metrics.trackers.set(len(self.trackers))
             log.info("tracking %s/%s: pool=%s model=%s source=%s", *key, s.pool, s.model, s.metrics_source)
@@ -246,6 +251,8 @@ class ScalerService:
             await self._stop_tracker(tr)
 
     async def _stop_tracker(self, tr: Tracker) -> None:
+        if tr.annotating is not None:
+            tr.annotating.cancel()
         if tr.task is not None:
             tr.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -287,7 +294,33 @@ class ScalerService:
         changed = tr.decision is not None and tr.decision.desired != d.desired
         self.metrics.publish(tr.labels, d, changed)
         await tr.publish(d)
+        self._mark_deletion_costs(tr, d)
         return d
+
+    def _mark_deletion_costs(self, tr: Tracker, d: Decision) -> None:
+        """Drain-safe scale-down: while the decision asks for fewer pods than are ready, keep each pod's
+        pod-deletion-cost at its running + waiting requests (from this read), so the ReplicaSet deletes the idlest
+        pods first. In the background (API calls block); one update at a time per ScaledObject."""
+        if not tr.settings.pod_deletion_cost or not hasattr(tr.discovery, "set_deletion_costs"):
+            return
+        stats: dict[str, EngineStats] = getattr(tr.source, "last_stats", {})
+        if d.desired < 0 or not stats or d.desired >= len(stats) or tr.annotating is not None:
+            return
+        costs = {url: min(int(st.running + st.waiting), 2**31 - 1) for url, st in stats.items()}
+
+        async def patch() -> None:
+            try:
+                n = await asyncio.to_thread(tr.discovery.set_deletion_costs, costs)  # type: ignore[union-attr]
+                self.metrics.cost_patches.labels(*tr.labels).inc(n)
+            except Exception as e:  # RBAC without patch, API server down: the scale-down still happens
+                self.metrics.cost_errors.labels(*tr.labels).inc()
+                if str(e) != tr.annotate_error:
+                    log.warning("%s/%s: could not set pod-deletion-cost: %s", *tr.key, str(e).splitlines()[0])
+                tr.annotate_error = str(e)
+            finally:
+                tr.annotating = None
+
+        tr.annotating = asyncio.create_task(patch(), name=f"kvscale-deletion-cost-{tr.key[0]}/{tr.key[1]}")
 
     async def _loop(self, tr: Tracker) -> None:
         interval = tr.settings.signal_interval_s

@@ -240,6 +240,7 @@ class PodScrapeSource:
         self.clock = clock
         self.parser = parser or PageParser(workers=0)
         self.last_failed = 0  # pods whose page could not be read or was implausible, at the last read
+        self.last_stats: dict[str, EngineStats] = {}  # the pages read at the last read, by URL
 
     async def _one(self, url: str) -> EngineStats | Exception:
         try:
@@ -254,6 +255,7 @@ class PodScrapeSource:
             raise SignalError(f"pod discovery has no result yet: {self.discovery.last_error or 'starting'}")
         results = await asyncio.gather(*(self._one(u) for u in urls))
         self.last_failed = sum(1 for r in results if isinstance(r, Exception))  # counted by the service
+        self.last_stats = {u: r for u, r in zip(urls, results, strict=True) if isinstance(r, EngineStats)}
         return self.history.update(dict(zip(urls, results, strict=True)), self.clock())
 
     async def close(self) -> None:

@@ -2,7 +2,8 @@
 
 No Kubernetes API server can run here, so the client talks to a minimal fake one (aiohttp, below): it serves
 ``GET /api/v1/namespaces/{ns}/pods`` as a list (with a resourceVersion) and, with ``watch=true``, as a stream of
-JSON watch events, filtering on equality label selectors. Only what discovery uses is implemented.
+JSON watch events, filtering on equality label selectors; and a merge-patch of a pod's annotations (the scaler's
+pod-deletion-cost). Only what discovery and that patch use is implemented.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ class FakeApiServer:
         self.rv = 1
         self.watchers: list[asyncio.Queue] = []
         self.lists = 0
+        self.patches: list[tuple[str, dict]] = []
 
     def pod(self, name: str, ip: str, labels: dict[str, str], ready: bool = True, ns: str = "llm") -> dict:
         return {
@@ -61,6 +63,25 @@ class FakeApiServer:
             return False
         labels = pod["metadata"].get("labels", {})
         return all(labels.get(k) == v for k, v in (r.split("=", 1) for r in selector.split(",") if r))
+
+    async def patch(self, request: web.Request) -> web.Response:
+        """``PATCH /api/v1/namespaces/{ns}/pods/{name}``: a JSON merge patch of the pod's annotations only."""
+        name = request.match_info["name"]
+        pod = self.pods.get(name)
+        if pod is None or pod["metadata"]["namespace"] != request.match_info["ns"]:
+            return web.json_response({"kind": "Status", "code": 404, "reason": "NotFound"}, status=404)
+        if request.content_type != "application/merge-patch+json":
+            return web.json_response({"kind": "Status", "code": 415, "message": request.content_type}, status=415)
+        body = await request.json()
+        self.patches.append((name, body))
+        notes = pod["metadata"].setdefault("annotations", {})
+        for k, v in (body.get("metadata", {}).get("annotations") or {}).items():
+            if v is None:
+                notes.pop(k, None)
+            else:
+                notes[k] = v
+        self.put(pod)
+        return web.json_response(pod)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         ns, sel = request.match_info["ns"], request.query.get("labelSelector", "")
