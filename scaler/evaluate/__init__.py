@@ -15,6 +15,8 @@ the same SLO and the same starting replica count; only who decides the replica c
 * ``keda-queue``: KEDA prometheus trigger on ``sum(vllm:num_requests_waiting)``, threshold 5, ``AverageValue``
   (the vLLM production-stack tutorial's setting), HPA defaults.
 * ``hpa-kv``: HPA on the pods' ``vllm:kv_cache_usage_perc``, average target 0.7, HPA defaults.
+* ``peer:...``: the peers' autoscalers (:mod:`~scaler.evaluate.peers`): AIBrix KPA and APA, Dynamo's SLA planner
+  (Kalman and constant load predictors), llm-d's WVA saturation analyzer, each from its published algorithm.
 * ``oracle``: knows the future: per ``oracle_bucket_s`` bucket, the fewest replicas whose planned capacity (the
   same capacity model x targetUtilization) covers the demand that will arrive, started ``startup_s`` ahead; no HPA.
 
@@ -38,6 +40,8 @@ line offers (policies, traces), so registering the command loads no evaluation c
 
 from __future__ import annotations
 
-POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast", "static-peak", "keda-queue", "hpa-kv", "oracle")
+PEER_POLICIES = ("peer:dynamo-sla", "peer:dynamo-sla-constant", "peer:llm-d-wva")
+POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast", "static-peak", "keda-queue", "hpa-kv", "oracle",
+            *PEER_POLICIES)  # fmt: skip
 KVSCALE_POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast")
 TRACES = ("diurnal", "step", "bursty", "poisson")

@@ -10,7 +10,7 @@ import numpy as np
 
 def goal_check(res: dict[str, Any]) -> dict[str, Any]:
     """The issue's goal: kvscale >= 99% attainment, GPU-hours <= 1.10 x oracle and >= 25% below the best baseline
-    that also reaches 99%."""
+    or peer autoscaler that also reaches 99%."""
     pol = res["policies"]
     k = pol.get("kvscale")
     if k is None:
@@ -23,9 +23,8 @@ def goal_check(res: dict[str, Any]) -> dict[str, Any]:
     if "oracle" in pol:
         out["vs_oracle"] = k["gpu_hours"] / pol["oracle"]["gpu_hours"]
         out["oracle_ok"] = out["vs_oracle"] <= 1.10
-    baselines = [
-        v for n, v in pol.items() if n in ("static-peak", "keda-queue", "hpa-kv") and v["slo_attainment"] >= 0.99
-    ]
+    others = [v for n, v in pol.items() if n in ("static-peak", "keda-queue", "hpa-kv") or n.startswith("peer:")]
+    baselines = [v for v in others if v["slo_attainment"] >= 0.99]
     if baselines:
         best = min(b["gpu_hours"] for b in baselines)
         out["saving_vs_best_baseline"] = 1.0 - k["gpu_hours"] / best

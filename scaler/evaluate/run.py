@@ -284,18 +284,54 @@ class Evaluation:
                 for p in pools
             ]  # fmt: skip
             controller = HpaController(hpas)
+        elif name.startswith("peer:"):
+            controller = self._peer(name, cluster, init)
         else:
             raise ValueError(f"unknown policy {name!r}")
         result = cluster.run(self.trace, controller=controller)
         return result, controller.events, time.perf_counter() - t0
+
+    def _peer(self, name: str, cluster: Cluster, init: dict[str, int]) -> Any:
+        """The controller of a peer's autoscaler (scaler.evaluate.peers)."""
+        from scaler.evaluate import peers
+
+        cfg, pools = self.cfg, self.cfg.pool_names()
+        if name == "peer:llm-d-wva":
+            producers = [peers.WvaProducer(cluster, p, max_replicas=cfg.max_replicas) for p in pools]
+            hpas = [Hpa(p, prod.metric, 1.0, behavior=peers.WVA_HPA_BEHAVIOR, spec=init[p],
+                        max_replicas=cfg.max_replicas) for p, prod in zip(pools, producers, strict=True)]  # fmt: skip
+
+            def before(now: float) -> None:
+                for prod in producers:
+                    prod(now)
+
+            return HpaController(hpas, before)
+        if name in ("peer:dynamo-sla", "peer:dynamo-sla-constant"):
+            # Dynamo's operator gives worker pods terminationGracePeriodSeconds 60 (its graceful-shutdown docs);
+            # what is still running then is cancelled
+            cluster.grace_s = 60.0
+            arrivals = np.array([r.arrival_s for r in self.trace])
+            dcfg = peers.DynamoConfig(max_gpu_budget=cfg.max_replicas * len(pools),
+                                      predictor="constant" if name.endswith("-constant") else "kalman")  # fmt: skip
+            profile = peers.PerfProfile(self.model, next(iter(self.settings.values())).max_num_seqs)
+            return peers.DynamoSlaPlanner(pools, profile, peers.FrontendStats(cluster, arrivals, pools),
+                                          cfg.ttft_slo_ms / 1000.0, cfg.itl_slo_ms / 1000.0, dcfg)  # fmt: skip
+        if name in ("peer:aibrix-kpa", "peer:aibrix-apa"):
+            make = peers.AibrixKpa if name == "peer:aibrix-kpa" else peers.AibrixApa
+            return peers.AibrixController([make(cluster, p, max_replicas=cfg.max_replicas) for p in pools])
+        raise ValueError(f"unknown policy {name!r}")
 
     def hpa_behaviors(self, name: str) -> dict[str, HpaBehavior | None]:
         """The HPA behaviour a policy runs under, per pool (None: no HPA). ``kvscale`` and ``kvscale-noforecast``
         get the committed ScaledObject's (or ``EvalConfig.kvscale_hpa`` = "default": the Kubernetes defaults);
         the baselines and ``kvscale-hpa-default`` the Kubernetes defaults, as their recipes set no behaviour."""
         pools = self.cfg.pool_names()
-        if name in ("static-peak", "oracle"):
+        if name in ("static-peak", "oracle") or name.startswith(("peer:dynamo", "peer:aibrix")):
             return dict.fromkeys(pools)
+        if name == "peer:llm-d-wva":
+            from scaler.evaluate.peers import WVA_HPA_BEHAVIOR
+
+            return dict.fromkeys(pools, WVA_HPA_BEHAVIOR)
         if name in ("kvscale", "kvscale-noforecast") and self.cfg.kvscale_hpa == "committed":
             return {p: self._committed[p] for p in pools}
         return {p: HpaBehavior() for p in pools}
