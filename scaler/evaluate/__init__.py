@@ -40,7 +40,7 @@ line offers (policies, traces), so registering the command loads no evaluation c
 
 from __future__ import annotations
 
-PEER_POLICIES = ("peer:dynamo-sla", "peer:dynamo-sla-constant", "peer:llm-d-wva")
+PEER_POLICIES = ("peer:aibrix-kpa", "peer:aibrix-apa", "peer:dynamo-sla", "peer:dynamo-sla-constant", "peer:llm-d-wva")
 POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast", "static-peak", "keda-queue", "hpa-kv", "oracle",
             *PEER_POLICIES)  # fmt: skip
 KVSCALE_POLICIES = ("kvscale", "kvscale-hpa-default", "kvscale-noforecast")
