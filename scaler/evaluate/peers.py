@@ -370,32 +370,33 @@ class DynamoSlaPlanner:
 
 @dataclass
 class AibrixConfig:
-    """AIBrix PodAutoscaler defaults (vllm-project/aibrix pkg/controller/podautoscaler/context, NewBaseScalingContext:
-    max scale-up and -down rate 2, fluctuation tolerance 0.1 each way, panic threshold 2.0, 300 s scale-down
-    cooldown; KPA's 60 s stable window and Knative's panic window of 10 % of it) on the metric and target of
-    AIBrix's own autoscaler experiment (docs: ``gpu_cache_usage_perc``, now ``kv_cache_usage_perc``, 0.5 per pod).
-    ``tick_s`` is how often the controller reconciles here (not a documented default)."""
+    """AIBrix PodAutoscaler defaults of the stateful, Knative-port generation (v0.1-v0.3, the one its published
+    experiment ran on): vllm-project/aibrix pkg/controller/podautoscaler/scaler/kpa.go@ccdda043 (max scale-up and
+    -down rate 2 from the base context, panic threshold 2.0, stable window 60 s, panic window 10 s, scale-down
+    delay 30 min), scaler/apa.go@4261937d (fluctuation tolerance 0.1 up / 0.2 down, window 60 s), a 10 s resync;
+    on the metric and target of AIBrix's autoscaler experiment (docs: ``gpu_cache_usage_perc``, now
+    ``kv_cache_usage_perc``, 0.5 per pod). The later stateless rewrite (v0.4+) changed windows and dropped the
+    panic memory; it is not what these implement."""
 
     target: float = 0.5
     max_scale_up_rate: float = 2.0
     max_scale_down_rate: float = 2.0
     up_tolerance: float = 0.1
-    down_tolerance: float = 0.1
+    down_tolerance: float = 0.2
     panic_threshold: float = 2.0
     stable_window_s: float = 60.0
-    panic_window_s: float = 6.0
-    scale_down_cooldown_s: float = 300.0
-    tick_s: float = 5.0
+    panic_window_s: float = 10.0
+    scale_down_delay_s: float = 1800.0
+    tick_s: float = 10.0
 
 
 class _AibrixBase:
-    """The shared part: per-tick samples of the pool's total metric (sum of the ready pods' KV usage), the
-    scale-down cooldown, replica bounds; subclasses give :meth:`desired`."""
+    """The shared part: one sample per tick of the pool's total metric (the pods' KV usage summed), replica
+    bounds; subclasses give :meth:`desired`."""
 
     def __init__(self, cluster: Cluster, pool: str, cfg: AibrixConfig | None = None, max_replicas: int = 64) -> None:
         self.cluster, self.pool, self.cfg, self.max_replicas = cluster, pool, cfg or AibrixConfig(), max_replicas
         self.samples: deque[tuple[float, float]] = deque()
-        self.last_scale_s = -math.inf
 
     def ready(self, now: float) -> int:
         return sum(1 for r in self.cluster.pool_replicas(self.pool) if r.serving(now))
@@ -403,11 +404,11 @@ class _AibrixBase:
     def sample(self, now: float) -> None:
         pods = [r for r in self.cluster.pool_replicas(self.pool) if r.serving(now)]
         self.samples.append((now, sum(r.synced_kv_usage for r in pods)))
-        while self.samples and self.samples[0][0] < now - self.cfg.stable_window_s:
+        while self.samples and self.samples[0][0] <= now - self.cfg.stable_window_s:
             self.samples.popleft()
 
     def mean_over(self, now: float, window_s: float) -> float:
-        vals = [v for t, v in self.samples if t > now - window_s - 1e-9]
+        vals = [v for t, v in self.samples if t > now - window_s]
         return float(np.mean(vals)) if vals else 0.0
 
     def desired(self, now: float, ready: int) -> int:
@@ -416,40 +417,34 @@ class _AibrixBase:
     def step(self, now: float) -> int | None:
         """The replica count to set now, or None to leave the Deployment as it is."""
         self.sample(now)
-        ready = self.ready(now)
         current = len(self.cluster.pool_replicas(self.pool))
-        want = max(1, min(self.max_replicas, self.desired(now, ready)))
-        if want < current and now - self.last_scale_s < self.cfg.scale_down_cooldown_s:
-            return None  # the scale-down cooldown
-        if want == current:
-            return None
-        self.last_scale_s = now
-        return want
+        want = max(1, min(self.max_replicas, self.desired(now, self.ready(now))))
+        return None if want == current else want
 
 
 class AibrixKpa(_AibrixBase):
-    """AIBrix's KPA (vllm-project/aibrix pkg/controller/podautoscaler/scaler/kpa.go@ccdda043, after Knative's):
-    desired = ceil(windowed total / target) over the stable and the panic window, each kept within
+    """AIBrix's KPA (vllm-project/aibrix pkg/controller/podautoscaler/scaler/kpa.go@ccdda043, a port of Knative's):
+    desired = ceil(window mean of the total / target) over the stable and the panic window, each kept within
     [floor(ready / maxScaleDownRate), ceil(maxScaleUpRate x ready)]; panic when the panic-window count reaches
-    ``panic_threshold`` x ready (and at start with more than one pod); in panic the larger of the two counts, never
-    lower than the highest count asked in this panic; panic ends a stable window after the threshold was last
-    crossed."""
+    ``panic_threshold`` x ready (and from the start with more than one pod); in panic the larger of the two counts,
+    never lower than the highest count asked in this panic; panic ends a stable window after the threshold was
+    last crossed; finally the scale-down delay: the highest count of the last ``scale_down_delay_s``."""
 
     def __init__(self, cluster: Cluster, pool: str, cfg: AibrixConfig | None = None, max_replicas: int = 64) -> None:
         super().__init__(cluster, pool, cfg, max_replicas)
         start = self.ready(0.0)
         self.panic_since: float | None = 0.0 if start > 1 else None
         self.max_panic_pods = start
+        self.delay: deque[tuple[float, int]] = deque()  # (t, count) over the scale-down delay
 
     def desired(self, now: float, ready_pods: int) -> int:
         c = self.cfg
         ready = max(1, ready_pods)
-        up, down = math.ceil(c.max_scale_up_rate * ready), math.floor(ready / c.max_scale_down_rate)
+        up, down = max(1, math.ceil(c.max_scale_up_rate * ready)), math.floor(ready / c.max_scale_down_rate)
         dspc = math.ceil(self.mean_over(now, c.stable_window_s) / c.target - 1e-9)
         dppc = math.ceil(self.mean_over(now, c.panic_window_s) / c.target - 1e-9)
         stable, panic = min(max(dspc, down), up), min(max(dppc, down), up)
-        over = dppc / ready >= c.panic_threshold
-        if over:
+        if dppc / ready >= c.panic_threshold:
             self.panic_since = now
         elif self.panic_since is not None and self.panic_since + c.stable_window_s < now:
             self.panic_since, self.max_panic_pods = None, 0
@@ -457,6 +452,11 @@ class AibrixKpa(_AibrixBase):
         if self.panic_since is not None:  # no scale-down in panic mode
             self.max_panic_pods = max(self.max_panic_pods, max(stable, panic))
             want = self.max_panic_pods
+        if c.scale_down_delay_s > 0:
+            self.delay.append((now, want))
+            while self.delay[0][0] <= now - c.scale_down_delay_s:
+                self.delay.popleft()
+            want = max(n for _, n in self.delay)
         return want
 
 
@@ -464,7 +464,8 @@ class AibrixApa(_AibrixBase):
     """AIBrix's APA (vllm-project/aibrix pkg/controller/podautoscaler/scaler/apa.go@4261937d and
     algorithm/apa.go): the per-pod use, the stable-window mean of the total over the ready pods, against the
     target; above ``1 + up_tolerance`` x target: ceil(ready x ratio), at most ceil(maxScaleUpRate x ready); below
-    ``1 - down_tolerance``: ceil(ready x ratio), at least floor(ready / maxScaleDownRate); otherwise unchanged."""
+    ``1 - down_tolerance``: ceil(ready x ratio), at least floor(ready / maxScaleDownRate); otherwise unchanged.
+    No panic mode, no delay."""
 
     def desired(self, now: float, ready_pods: int) -> int:
         c = self.cfg

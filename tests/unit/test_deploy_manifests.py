@@ -46,6 +46,7 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict]]) -
         ("ServiceAccount", "kvscale-router"), ("Role", "kvscale-router"), ("RoleBinding", "kvscale-router"),
         ("Deployment", "kvscale-scaler"), ("Service", "kvscale-scaler"), ("NetworkPolicy", "kvscale-scaler"),
         ("ServiceAccount", "kvscale-scaler"), ("Role", "kvscale-scaler"), ("RoleBinding", "kvscale-scaler"),
+        ("PodDisruptionBudget", "kvscale-scaler"),
         ("TriggerAuthentication", "kvscale-scaler-tls"),
     }  # fmt: skip
     expected = {
@@ -63,6 +64,10 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict]]) -
         scaler = _get(docs, "Deployment", "kvscale-scaler")
         vols = {v["name"]: v for v in scaler["spec"]["template"]["spec"]["volumes"]}
         assert vols["latency-model"]["configMap"]["name"] == cms[0]["metadata"]["name"]
+        # two scaler replicas: KEDA's fallback does not cover an unreachable external scaler (kedacore/keda#8056)
+        assert scaler["spec"]["replicas"] == 2
+        rules = _get(docs, "Role", "kvscale-scaler")["rules"]
+        assert any("pods" in r["resources"] and "patch" in r["verbs"] for r in rules)  # pod-deletion-cost
         for d in docs:
             if d["kind"] not in ("Namespace", "PriorityClass"):
                 assert d["metadata"].get("namespace") == "kvscale", objects.ident(d)
