@@ -19,15 +19,19 @@ from typing import Any
 import pytest
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "golden"
+# The policies the eval files were recorded with (the peers' autoscalers came later: they would only add time)
+RECORDED_POLICIES = ["--policies",
+                     "kvscale,kvscale-hpa-default,kvscale-noforecast,static-peak,keda-queue,hpa-kv,oracle"]
 
 # file -> the command's arguments (after `kvscale`); --json OUT is appended.
 CASES: dict[str, list[str]] = {
     "eval-step-chat-short.json": ["eval", "scaling", "--trace", "step", "--workload", "chat", "--duration", "180",
-                                  "--peak-replicas", "1", "--startup-seconds", "20"],
+                                  "--peak-replicas", "1", "--startup-seconds", "20", *RECORDED_POLICIES],
     "eval-diurnal-rag-short.json": ["eval", "scaling", "--trace", "diurnal", "--workload", "rag", "--duration", "180",
-                                    "--peak-replicas", "1", "--startup-seconds", "20"],
+                                    "--peak-replicas", "1", "--startup-seconds", "20", *RECORDED_POLICIES],
     "eval-step-rag-pd-short.json": ["eval", "scaling", "--trace", "step", "--workload", "rag", "--pools", "pd",
-                                    "--duration", "150", "--peak-replicas", "1", "--startup-seconds", "20"],
+                                    "--duration", "150", "--peak-replicas", "1", "--startup-seconds", "20",
+                                    *RECORDED_POLICIES],
     "sim-diurnal-chat.json": ["sim", "run", "--trace", "diurnal", "--workload", "chat", "--rate", "20",
                               "--duration", "300", "--replicas", "4"],
     "sim-step-rag-pd.json": ["sim", "run", "--trace", "step", "--workload", "rag", "--rate", "5", "--duration", "300",
@@ -38,8 +42,10 @@ CASES: dict[str, list[str]] = {
 # The issue's full-size cases (~15 and ~5 minutes): run with KVSCALE_GOLDEN_LONG=1 after a change to the simulator,
 # the policy or the evaluator.
 LONG_CASES: dict[str, list[str]] = {
-    "eval-step-chat-1200.json": ["eval", "scaling", "--trace", "step", "--workload", "chat", "--duration", "1200"],
-    "eval-diurnal-rag-1200.json": ["eval", "scaling", "--trace", "diurnal", "--workload", "rag", "--duration", "1200"],
+    "eval-step-chat-1200.json": ["eval", "scaling", "--trace", "step", "--workload", "chat", "--duration", "1200",
+                                 *RECORDED_POLICIES],
+    "eval-diurnal-rag-1200.json": ["eval", "scaling", "--trace", "diurnal", "--workload", "rag", "--duration", "1200",
+                                   *RECORDED_POLICIES],
 }
 
 

@@ -308,5 +308,6 @@ def test_scrape_config_relabeling_in_a_real_prometheus(pd: list[dict], tmp_path:
     routers = by_job.get("kvscale-router", [])
     assert len(routers) == 2 and all(t["scrapeUrl"].endswith(":8080/metrics") for t in routers)
     scalers = by_job.get("kvscale-scaler", [])
-    assert len(scalers) == 1 and scalers[0]["scrapeUrl"].endswith(":9091/metrics")
+    # two scaler replicas (deploy/base/scaler/deployment.yaml), each scraped
+    assert len(scalers) == 2 and all(t["scrapeUrl"].endswith(":9091/metrics") for t in scalers)
     assert set(by_job) == {"kvscale-vllm", "kvscale-router", "kvscale-scaler"}

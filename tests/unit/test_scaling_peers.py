@@ -101,7 +101,7 @@ def test_dynamo_planner_asks_for_more_when_the_load_doubles() -> None:
 
 @pytest.mark.parametrize("pools", ["aggregated", "pd"])
 def test_every_peer_runs_in_the_evaluation(pools: str) -> None:
-    cfg = EvalConfig(trace="step", workload="chat", pools=pools, duration_s=240.0, peak_replicas=2.0,
+    cfg = EvalConfig(trace="step", workload="chat", pools=pools, duration_s=150.0, peak_replicas=2.0,
                      startup_s=20.0, policies=PEER_POLICIES)  # fmt: skip
     res = Evaluation(cfg).run()
     for name in PEER_POLICIES:
