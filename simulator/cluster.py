@@ -360,6 +360,11 @@ class Cluster:
             r for r in self.replicas if r.pool == pool and r.deleted_s is None and (include_draining or not r.draining)
         ]
 
+    def serving_replicas(self, pool: str, now: float) -> list[Replica]:
+        """The pool's replicas that take requests at ``now``: started, ready, not draining (what an Endpoints
+        controller lists, and what a scraper of the pool's pods reads)."""
+        return [r for r in self.replicas if r.pool == pool and r.serving(now)]
+
     def set_replicas(self, pool: str, n: int, now: float | None = None) -> None:
         """Scale a pool to ``n`` replicas (starting ones count); surplus ones drain in :func:`deletion_order`."""
         now = self._now if now is None else now
@@ -577,6 +582,7 @@ class Cluster:
         if r.deleted_s is not None:
             return
         self._advance(r, now)
+        self._maybe_delete(r, now)  # it may have finished its work since the last sync
         if r.deleted_s is not None:
             return
         for rid in list(r.engine.requests):

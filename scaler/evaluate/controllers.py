@@ -49,7 +49,7 @@ class KvscaleProducer:
         if now + 1e-9 < self.next_t:
             return
         self.next_t = now + self.policy.s.signal_interval_s
-        ready = sum(1 for r in self.cluster.pool_replicas(self.source.pool) if r.serving(now))
+        ready = len(self.cluster.serving_replicas(self.source.pool, now))
         try:
             d = self.policy.decide(now, self.source.read(now))
         except SignalPending:

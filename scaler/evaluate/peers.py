@@ -32,15 +32,15 @@ from simulator.request import Request
 
 class PodGauges:
     """Per-pod gauges as Prometheus would have scraped them (``vllm:kv_cache_usage_perc``,
-    ``vllm:num_requests_waiting``, ``vllm:num_requests_running``), sampled every ``scrape_s``, kept ``keep_s``."""
+    ``vllm:num_requests_waiting``), sampled every ``scrape_s``, kept ``keep_s``."""
 
     def __init__(self, cluster: Cluster, pool: str, scrape_s: float = 5.0, keep_s: float = 60.0) -> None:
         self.cluster, self.pool, self.scrape_s, self.keep_s = cluster, pool, scrape_s, keep_s
-        self.samples: dict[int, deque[tuple[float, float, float, float]]] = {}
+        self.samples: dict[int, deque[tuple[float, float, float]]] = {}  # (t, KV usage, waiting)
         self.next_t = 0.0
 
     def pods(self, now: float) -> list[Replica]:
-        return [r for r in self.cluster.pool_replicas(self.pool) if r.serving(now)]
+        return self.cluster.serving_replicas(self.pool, now)
 
     def scrape(self, now: float) -> None:
         if now + 1e-9 < self.next_t:
@@ -50,7 +50,7 @@ class PodGauges:
         for r in self.pods(now):
             live.add(r.replica_id)
             q = self.samples.setdefault(r.replica_id, deque())
-            q.append((now, r.synced_kv_usage, float(r.synced_waiting), float(r.synced_running)))
+            q.append((now, r.synced_kv_usage, float(r.synced_waiting)))
             while q and q[0][0] < now - self.keep_s:
                 q.popleft()
         for rid in list(self.samples):
@@ -399,10 +399,9 @@ class _AibrixBase:
         self.samples: deque[tuple[float, float]] = deque()
 
     def ready(self, now: float) -> int:
-        return sum(1 for r in self.cluster.pool_replicas(self.pool) if r.serving(now))
+        return len(self.cluster.serving_replicas(self.pool, now))
 
-    def sample(self, now: float) -> None:
-        pods = [r for r in self.cluster.pool_replicas(self.pool) if r.serving(now)]
+    def sample(self, now: float, pods: list[Replica]) -> None:
         self.samples.append((now, sum(r.synced_kv_usage for r in pods)))
         while self.samples and self.samples[0][0] <= now - self.cfg.stable_window_s:
             self.samples.popleft()
@@ -416,9 +415,10 @@ class _AibrixBase:
 
     def step(self, now: float) -> int | None:
         """The replica count to set now, or None to leave the Deployment as it is."""
-        self.sample(now)
+        pods = self.cluster.serving_replicas(self.pool, now)
+        self.sample(now, pods)
         current = len(self.cluster.pool_replicas(self.pool))
-        want = max(1, min(self.max_replicas, self.desired(now, self.ready(now))))
+        want = max(1, min(self.max_replicas, self.desired(now, len(pods))))
         return None if want == current else want
 
 

@@ -383,14 +383,14 @@ class Evaluation:
     @staticmethod
     def _ready(cluster: Cluster, pool: str) -> Callable[[float], int]:
         def ready(now: float) -> int:
-            return sum(1 for r in cluster.pool_replicas(pool) if r.serving(now))
+            return len(cluster.serving_replicas(pool, now))
 
         return ready
 
     @staticmethod
     def _sum_waiting(cluster: Cluster, pool: str) -> Callable[[float], float | None]:
         def metric(now: float) -> float | None:
-            pods = [r for r in cluster.pool_replicas(pool) if r.serving(now)]
+            pods = cluster.serving_replicas(pool, now)
             return float(sum(r.synced_waiting for r in pods)) if pods else None
 
         return metric
@@ -398,7 +398,7 @@ class Evaluation:
     @staticmethod
     def _avg_kv(cluster: Cluster, pool: str) -> Callable[[float], float | None]:
         def metric(now: float) -> float | None:
-            pods = [r for r in cluster.pool_replicas(pool) if r.serving(now)]
+            pods = cluster.serving_replicas(pool, now)
             return sum(r.synced_kv_usage for r in pods) / len(pods) if pods else None
 
         return metric

@@ -53,7 +53,7 @@ class VirtualSource:
 
     def read(self, now: float) -> PoolSignals:
         # Engines are as of the cluster's last state sync (<= 0.2 s ago), like a scrape that takes a moment.
-        pods = [r for r in self.cluster.pool_replicas(self.pool) if r.serving(now)]
+        pods = self.cluster.serving_replicas(self.pool, now)
         stats = {r.replica_id: self.stats(r, now) for r in pods}
         self.work = {i: s.running + s.waiting for i, s in stats.items()}
         return self.history.update(stats, now)

@@ -11,7 +11,9 @@ watch, merge-patch of annotations). The pods' /metrics pages are the recorded vL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -48,15 +50,44 @@ async def serve_pages(port: int, loads: dict[str, tuple[int, int]]) -> list[web.
     return runners
 
 
-async def start_api(api: FakeApiServer) -> tuple[web.AppRunner, int]:
+LABELS = {"namespace": "llm", "scaledobject": "llm", "pool": "aggregated", "model": "tiny-llama"}
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@contextlib.asynccontextmanager
+async def pool(loads: dict[str, tuple[int, int]], patch: Handler | None = None
+               ) -> AsyncIterator[tuple[FakeApiServer, int, client.ApiClient]]:  # fmt: skip
+    """The fake API server (``patch``: its PATCH handler, default the merge-patch), one pod per loopback address
+    of ``loads`` (running, waiting) serving its metrics page; yields (api, metrics port, a client of the API)."""
+    api = FakeApiServer()
     app = web.Application()
     app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
-    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", api.patch)
+    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", patch or api.patch)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)  # open watches end at once
     await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner, port
+    api_port, metrics_port = free_port(), free_port()
+    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+    for i, ip in enumerate(loads):
+        api.put(api.pod(f"vllm-{i}", ip, {"app": "vllm"}))
+    pages = await serve_pages(metrics_port, loads)
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{api_port}"
+    try:
+        yield api, metrics_port, client.ApiClient(cfg)
+    finally:
+        for r in pages:
+            await r.cleanup()
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def scaler(api_client: client.ApiClient) -> AsyncIterator[ScalerService]:
+    service = ScalerService(kube_api_client=api_client, options=ServeOptions(parse_workers=0))
+    await service.start()
+    try:
+        yield service
+    finally:
+        await service.stop()
 
 
 def metadata(port: int, **extra: str) -> dict[str, str]:
@@ -65,20 +96,14 @@ def metadata(port: int, **extra: str) -> dict[str, str]:
             "panicWindowSeconds": "0", **extra}  # fmt: skip
 
 
+def ref(md: dict[str, str]) -> pb.ScaledObjectRef:
+    return pb.ScaledObjectRef(name="llm", namespace="llm", scalerMetadata=md)
+
+
 async def test_scaler_marks_idle_pods_cheapest_before_a_scale_down() -> None:
-    api = FakeApiServer()
-    api_runner, api_port = await start_api(api)
-    metrics_port = free_port()
     loads = {"127.0.0.1": (5, 2), "127.0.0.2": (0, 0), "127.0.0.3": (3, 0)}
-    for i, ip in enumerate(loads):
-        api.put(api.pod(f"vllm-{i}", ip, {"app": "vllm"}))
-    pages = await serve_pages(metrics_port, loads)
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{api_port}"
-    service = ScalerService(kube_api_client=client.ApiClient(cfg), options=ServeOptions(parse_workers=0))
-    await service.start()
-    try:
-        tr = service.tracker(pb.ScaledObjectRef(name="llm", namespace="llm", scalerMetadata=metadata(metrics_port)))
+    async with pool(loads) as (api, metrics_port, api_client), scaler(api_client) as service:
+        tr = service.tracker(ref(metadata(metrics_port)))
         # idle counters: the policy asks for fewer than the 3 pods, and the pods get their costs
         await wait_for(lambda: tr.decision is not None and 0 <= tr.decision.desired < 3, timeout=15)
         await wait_for(lambda: len(api.patches) >= 3, timeout=10)
@@ -88,62 +113,29 @@ async def test_scaler_marks_idle_pods_cheapest_before_a_scale_down() -> None:
         n = len(api.patches)
         await asyncio.sleep(1.0)
         assert len(api.patches) == n
-        patched = service.metrics.registry.get_sample_value(
-            "kvscale_scaler_pod_deletion_cost_patches_total",
-            {"namespace": "llm", "scaledobject": "llm", "pool": "aggregated", "model": "tiny-llama"},
-        )
-        assert patched == 3
-    finally:
-        await service.stop()
-        for r in pages:
-            await r.cleanup()
-        await api_runner.cleanup()
+        assert service.metrics.registry.get_sample_value("kvscale_scaler_pod_deletion_cost_patches_total",
+                                                         LABELS) == 3  # fmt: skip
 
 
 async def test_without_patch_rights_the_scale_down_still_happens_and_the_error_is_counted() -> None:
-    api = FakeApiServer()
-    app = web.Application()
-    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
-
     async def forbidden(_request: web.Request) -> web.Response:
         return web.json_response({"kind": "Status", "code": 403, "reason": "Forbidden",
                                   "message": 'pods "vllm-0" is forbidden: cannot patch resource "pods"'},
                                  status=403)  # fmt: skip
 
-    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", forbidden)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-    await runner.setup()
-    api_port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
-    metrics_port = free_port()
+    def errors(service: ScalerService) -> float:
+        return service.metrics.registry.get_sample_value("kvscale_scaler_pod_deletion_cost_errors_total",
+                                                         LABELS) or 0  # fmt: skip
+
     loads = {"127.0.0.1": (1, 0), "127.0.0.2": (0, 0)}
-    for i, ip in enumerate(loads):
-        api.put(api.pod(f"vllm-{i}", ip, {"app": "vllm"}))
-    pages = await serve_pages(metrics_port, loads)
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{api_port}"
-    service = ScalerService(kube_api_client=client.ApiClient(cfg), options=ServeOptions(parse_workers=0))
-    await service.start()
-    labels = {"namespace": "llm", "scaledobject": "llm", "pool": "aggregated", "model": "tiny-llama"}
-    try:
-        tr = service.tracker(pb.ScaledObjectRef(name="llm", namespace="llm", scalerMetadata=metadata(metrics_port)))
-        await wait_for(lambda: (service.metrics.registry.get_sample_value(
-            "kvscale_scaler_pod_deletion_cost_errors_total", labels) or 0) >= 1, timeout=15)  # fmt: skip
-        assert tr.decision is not None and tr.decision.desired == 1  # the decision itself is unaffected
+    async with pool(loads, forbidden) as (_api, metrics_port, api_client):
+        async with scaler(api_client) as service:
+            tr = service.tracker(ref(metadata(metrics_port)))
+            await wait_for(lambda: errors(service) >= 1, timeout=15)
+            assert tr.decision is not None and tr.decision.desired == 1  # the decision itself is unaffected
         # podDeletionCost "false": no annotation is attempted at all
-        service2 = ScalerService(kube_api_client=client.ApiClient(cfg), options=ServeOptions(parse_workers=0))
-        await service2.start()
-        try:
-            md = metadata(metrics_port, podDeletionCost="false")
-            tr2 = service2.tracker(pb.ScaledObjectRef(name="llm", namespace="llm", scalerMetadata=md))
+        async with scaler(api_client) as service2:
+            tr2 = service2.tracker(ref(metadata(metrics_port, podDeletionCost="false")))
             await wait_for(lambda: tr2.decision is not None and tr2.decision.desired == 1, timeout=15)
             await asyncio.sleep(0.6)
-            assert (service2.metrics.registry.get_sample_value(
-                "kvscale_scaler_pod_deletion_cost_errors_total", labels) or 0) == 0  # fmt: skip
-        finally:
-            await service2.stop()
-    finally:
-        await service.stop()
-        for r in pages:
-            await r.cleanup()
-        await runner.cleanup()
+            assert errors(service2) == 0
