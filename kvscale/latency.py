@@ -32,6 +32,9 @@ from typing import Any
 SCHEMA = "kvscale.latency-model"
 SCHEMA_VERSION = 1
 STEP_FORM = "linear-v1"
+# estimate: roofline arithmetic; measured/fitted: a profile of the deployment (`kvscale profile run/fit`);
+# fitted-public: fitted to published measurements of the hardware (`kvscale profile import --format ...`)
+KINDS = ("estimate", "measured", "fitted", "fitted-public")
 COEFFICIENTS = ("base_s", "per_prefill_token_s", "per_prefill_attn_s", "per_decode_seq_s", "per_decode_ctx_s")
 
 
@@ -56,7 +59,7 @@ class LatencyModel:
     coefficients: StepCoefficients
     kv_transfer_base_s: float = 0.0
     kv_transfer_per_token_s: float = 0.0
-    kind: str = "estimate"  # estimate | measured | fitted
+    kind: str = "estimate"  # estimate | measured | fitted | fitted-public (see KINDS)
     hardware: str = ""
     model: str = ""
     engine: str = ""
@@ -195,8 +198,8 @@ def latency_model_from_dict(d: Any) -> LatencyModel:
     if not isinstance(kv, dict):
         raise LatencyModelError("kv_transfer: expected an object")
     kind = _str(d, "kind") or "estimate"
-    if kind not in ("estimate", "measured", "fitted"):
-        raise LatencyModelError(f"kind: expected estimate|measured|fitted, got {kind!r}")
+    if kind not in KINDS:
+        raise LatencyModelError(f"kind: expected {'|'.join(KINDS)}, got {kind!r}")
     known = {"schema", "version", "name", "kind", "hardware", "model", "engine", "notes", "step_time", "kv_transfer"}
     model = LatencyModel(
         name=_str(d, "name") or "unnamed",
@@ -220,6 +223,9 @@ def _validate_fit_section(model: LatencyModel) -> None:
     for key in ("ttft_overhead_s", "client_overhead_s"):
         if isinstance(fit, dict) and key in fit:
             _number(fit, key, "fit")
+    if model.kind == "fitted-public":
+        _validate_public_fit(fit)
+        return
     if model.kind != "fitted":
         return
     if not isinstance(fit, dict):
@@ -238,6 +244,29 @@ def _validate_fit_section(model: LatencyModel) -> None:
     for k, v in fit["range"].items():
         if not (isinstance(v, list) and len(v) == 2 and all(isinstance(t, int | float) for t in v) and v[0] <= v[1]):
             raise LatencyModelError(f"fit.range.{k}: expected [low, high], got {v!r}")
+
+
+def _error_block(v: Any, where: str, keys: tuple[str, ...] = ("mape", "p90_ape")) -> None:
+    if not isinstance(v, dict):
+        raise LatencyModelError(f"{where}: missing or not an object")
+    for k in keys:
+        x = v.get(k)
+        if isinstance(x, bool) or not isinstance(x, int | float) or not math.isfinite(x) or x < 0:
+            raise LatencyModelError(f"{where}.{k}: expected a number >= 0, got {x!r}")
+
+
+def _validate_public_fit(fit: Any) -> None:
+    """A ``fitted-public`` model names its source and the held-out error of its end-to-end rows."""
+    if not isinstance(fit, dict):
+        raise LatencyModelError("fit: a fitted-public model needs a 'fit' object")
+    src = fit.get("source")
+    if not isinstance(src, dict) or not src.get("repository") or not src.get("commit"):
+        raise LatencyModelError("fit.source: a fitted-public model names its source repository and commit")
+    if not isinstance(fit.get("rows_used"), list) or not fit["rows_used"]:
+        raise LatencyModelError("fit.rows_used: expected the non-empty list of rows the fit used")
+    validation = fit.get("validation")
+    _error_block(validation, "fit.validation", ())
+    _error_block(validation.get("e2e"), "fit.validation.e2e", ("mape", "p90_ape", "max_ape"))
 
 
 def builtin_models() -> list[str]:

@@ -103,12 +103,96 @@ def import_main(args: argparse.Namespace) -> int:
     from predictor.dataset import DatasetError
     from predictor.importer import ImportError_, import_results
 
+    if args.format == "llm-inference-bench":
+        return import_public_main(args)
     try:
         written = import_results(args.files, args.out, hardware=args.hardware, model=args.model)
     except (ImportError_, DatasetError) as e:
         print(f"kvscale profile import: {e}", file=sys.stderr)
         return 2
     print(f"imported {len(written)} result file(s) into {args.out}: {', '.join(written) or 'nothing new'}")
+    return 0
+
+
+def import_public_main(args: argparse.Namespace) -> int:
+    """Fit one latency model per group of the public tables; write those that pass, say why the others do not."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from predictor.public import PublicImportError, fit_tables
+
+    frameworks = None if args.framework == "all" else {args.framework}
+    models = {m.strip() for m in args.models.split(",") if m.strip()} if args.models else None
+    try:
+        results = fit_tables(args.files, frameworks=frameworks, models=models, max_mape=args.max_mape)
+    except PublicImportError as e:
+        print(f"kvscale profile import: {e}", file=sys.stderr)
+        return 2
+    if not results:
+        print("kvscale profile import: no group matches --framework/--models", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = Table(title=f"LLM-Inference-Bench groups ({len(results)}), held-out MAPE over whole rows")
+    for c in ("group", "rows used", "excluded", "held-out MAPE", "p90 APE", "TTFT rows", "result"):
+        table.add_column(c, justify="left" if c in ("group", "result") else "right")
+    for r in results:
+        if r.latency_model is not None:
+            (args.out / f"{r.name}.json").write_text(r.latency_model.dumps())
+        table.add_row(f"{r.hardware} x{r.count} / {r.model}", str(r.used), str(len(r.excluded)),
+                      "" if r.heldout_mape != r.heldout_mape else f"{r.heldout_mape:.1%}",
+                      "" if r.heldout_p90 != r.heldout_p90 else f"{r.heldout_p90:.1%}", str(r.ttft_rows),
+                      f"[red]refused: {r.refused}[/red]" if r.refused else f"wrote {r.name}.json")  # fmt: skip
+    Console(width=200).print(table)
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.as_dict() for r in results], indent=2) + "\n")
+    ok = sum(r.latency_model is not None for r in results)
+    print(f"{ok} model(s) written to {args.out}, {len(results) - ok} group(s) refused")
+    return 0 if ok else 1
+
+
+def predict_main(args: argparse.Namespace) -> int:
+    """What a latency model predicts for an offline batch and for single prefills."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvscale.latency import LatencyModelError, load_latency_model
+    from predictor.offline import predict_offline
+
+    try:
+        model = load_latency_model(args.latency_model)
+        p = predict_offline(model, args.batch, args.input_len, args.output_len, args.max_num_batched_tokens)
+    except (LatencyModelError, ValueError) as e:
+        print(f"kvscale profile predict: {e}", file=sys.stderr)
+        return 2
+    prefills = {n: model.prefill_time(n) for n in args.prefill_tokens}
+    table = Table(title=f"{model.name} ({model.kind}): offline batch B={args.batch}, input {args.input_len}, "
+                        f"output {args.output_len}")  # fmt: skip
+    table.add_column("figure")
+    table.add_column("predicted", justify="right")
+    table.add_row("TTFT of the batch (prefill phase)", f"{p.ttft_s:.4f} s ({p.prefill_steps} prefill steps)")
+    table.add_row("mean ITL (decode step)", f"{1e3 * p.mean_itl_s:.2f} ms")
+    table.add_row("end-to-end", f"{p.e2e_s:.3f} s")
+    for n, t in prefills.items():
+        table.add_row(f"single prefill of {n} tokens", f"{1e3 * t:.2f} ms")
+    Console().print(table)
+    if args.json:
+        out = {"model": model.name, "kind": model.kind, "batch": args.batch, "input_len": args.input_len,
+               "output_len": args.output_len, **p.as_dict(),
+               "single_prefill_s": {str(n): t for n, t in prefills.items()}}  # fmt: skip
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+def compare_main(args: argparse.Namespace) -> int:
+    """Two or more latency models side by side: step times, prefill times and capacity under an SLO."""
+    from predictor.compare import CompareError, compare
+
+    try:
+        compare(args.models, ttft_slo_s=args.ttft_slo_ms / 1000.0, itl_slo_s=args.itl_slo_ms / 1000.0,
+                workload=args.workload, plot=args.plot, json_out=args.json)  # fmt: skip
+    except CompareError as e:
+        print(f"kvscale profile compare: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -207,12 +291,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_run_args(run)
     run.set_defaults(func=run_main)
 
-    imp = ps.add_parser("import", help="import `vllm bench serve --save-result --save-detailed` files")
+    imp = ps.add_parser("import", help="import `vllm bench serve --save-result --save-detailed` files into a "
+                        "profile, or fit latency models to public tables (--format llm-inference-bench)")  # fmt: skip
     imp.add_argument("files", nargs="+", type=Path)
-    imp.add_argument("--out", required=True, type=Path)
-    imp.add_argument("--model", default=None, help="default: model_id from the files")
-    imp.add_argument("--hardware", default="")
+    imp.add_argument("--format", default="vllm-bench", choices=["vllm-bench", "llm-inference-bench"],
+                     help="vllm-bench: result JSON into a profile directory; llm-inference-bench: the "
+                     "LLM-Inference-Bench CSV tables (end-to-end and TTFT), one fitted model per group into --out")
+    imp.add_argument("--out", required=True, type=Path, help="profile directory (vllm-bench) or the directory "
+                     "the fitted models are written to (llm-inference-bench)")  # fmt: skip
+    imp.add_argument("--model", default=None, help="vllm-bench: default model_id from the files")
+    imp.add_argument("--hardware", default="", help="vllm-bench: hardware label")
+    imp.add_argument("--framework", default="vLLM", help="llm-inference-bench: framework rows to fit (or 'all')")
+    imp.add_argument("--models", default="", help="llm-inference-bench: comma-separated model ids (default all)")
+    imp.add_argument("--max-mape", type=float, default=0.10,
+                     help="llm-inference-bench: refuse a group whose held-out end-to-end MAPE exceeds this")
+    imp.add_argument("--json", default=None, help="llm-inference-bench: write the per-group report here")
     imp.set_defaults(func=import_main)
+
+    pred = ps.add_parser("predict", help="what a latency model predicts for an offline batch and single prefills")
+    pred.add_argument("--latency-model", required=True, help="latency-model JSON or a built-in name")
+    pred.add_argument("--batch", type=_positive_int, required=True)
+    pred.add_argument("--input-len", type=_positive_int, required=True)
+    pred.add_argument("--output-len", type=_positive_int, required=True)
+    pred.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192,
+                      help="vLLM's prefill token budget per step (its default: max(max_model_len, 2048))")
+    pred.add_argument("--prefill-tokens", type=_ints, default=(128, 1000, 4096), help="single prefills to show")
+    pred.add_argument("--json", default=None)
+    pred.set_defaults(func=predict_main)
+
+    cmp_ = ps.add_parser("compare", help="latency models side by side: step time, prefill time, capacity")
+    cmp_.add_argument("models", nargs="+", help="two or more latency-model JSON files or built-in names")
+    cmp_.add_argument("--ttft-slo-ms", type=float, default=1000.0)
+    cmp_.add_argument("--itl-slo-ms", type=float, default=50.0)
+    cmp_.add_argument("--workload", default="chat", help="chat|rag|reasoning|shared-prefix (capacity rows)")
+    cmp_.add_argument("--plot", default=None, help="write the comparison plot (PNG) here")
+    cmp_.add_argument("--json", default=None)
+    cmp_.set_defaults(func=compare_main)
 
     fit = ps.add_parser("fit", help="fit the step-time latency model to a profile (with held-out validation)")
     fit.add_argument("profile", type=Path)

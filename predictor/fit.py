@@ -190,7 +190,8 @@ def observations(df: pd.DataFrame, stats: pd.DataFrame | None = None) -> Observa
     )
 
 
-def _fit(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+def fit_relative(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Non-negative least squares minimising relative error (weights 1/y²); the coefficients of ``x``'s columns."""
     # Scale columns to comparable magnitudes (tokens² vs 1), fit with positivity, unscale.
     scale = np.maximum(np.abs(x).max(axis=0), 1e-12)
     reg = LinearRegression(positive=True, fit_intercept=False)
@@ -216,7 +217,7 @@ def cross_validate(obs: Observations, folds: int = 5) -> tuple[dict[str, dict[st
         raise FitError(f"need at least 2 measured points for validation, have {len(groups)}")
     pred = np.full(obs.y.shape, np.nan)
     for train, test in GroupKFold(n_splits=k).split(obs.x, obs.y, obs.group):
-        coef = _fit(obs.x[train], obs.y[train])
+        coef = fit_relative(obs.x[train], obs.y[train])
         pred[test] = obs.x[test] @ coef
     return _errors(obs, pred), pred
 
@@ -229,7 +230,7 @@ def fit_profile(root: Path, *, name: str | None = None, folds: int = 5) -> tuple
         raise FitError(f"{root}: the profile has no measured points yet (run `kvscale profile run`)")
     obs = observations(df, read_point_stats(root))
     validation, _ = cross_validate(obs, folds)
-    coef = _fit(obs.x, obs.y)
+    coef = fit_relative(obs.x, obs.y)
     full = _errors(obs, obs.x @ coef)
     c = dict(zip(FEATURES, coef.tolist(), strict=True))
     meta = obs.meta

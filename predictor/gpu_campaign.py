@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvscale import __version__
 from predictor.gpu_model import Decoder, Timer, param_count, sdpa_gqa_native
-from predictor.roofline import LLAMA_3_1_8B, LLAMA_3_1_70B, ModelShape
+from predictor.roofline import LLAMA_3_1_8B, LLAMA_3_1_70B, Gpu, ModelShape, kv_capacity
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +46,6 @@ NOTE = (
     "no continuous batching scheduler, no sampling"
 )
 BLOCK_SIZE = 16  # vLLM's default KV block size (for the KV-capacity estimate)
-GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default --gpu-memory-utilization (for the KV-capacity estimate)
-ACTIVATION_RESERVE_BYTES = 2e9  # same assumption as predictor.roofline
 CPU_DEFAULT_MEMORY_GIB = 4.0
 MIN_DECODE_STEPS = 8  # `kvscale profile fit` refuses decode streams shorter than 8 tokens
 
@@ -293,15 +291,13 @@ class StepsRunner:
         import torch
 
         s = self.cfg.model_shape
-        total = torch.cuda.get_device_properties(device).total_memory
-        weights = param_count(s) * elsize
-        per_block = BLOCK_SIZE * 2 * s.layers * s.kv_heads * s.head_dim * elsize
-        free = total * GPU_MEMORY_UTILIZATION - weights - ACTIVATION_RESERVE_BYTES
-        blocks = max(0, int(free // per_block))
-        return {"block_size": BLOCK_SIZE, "num_gpu_blocks": blocks, "gpu_memory_bytes": total,
-                "gpu_memory_utilization": GPU_MEMORY_UTILIZATION, "activation_reserve_bytes": ACTIVATION_RESERVE_BYTES,
-                "source": "estimate: floor((total memory x utilization - full-model weights - activation reserve) "
-                          "/ bytes per block), as predictor.roofline"}  # fmt: skip
+        props = torch.cuda.get_device_properties(device)
+        shape = dataclasses.replace(s, params=float(param_count(s)), dtype_bytes=elsize)
+        try:
+            kv = kv_capacity(shape, Gpu(props.name, 0.0, 0.0, float(props.total_memory)), 1)
+        except ValueError:
+            return {"block_size": BLOCK_SIZE, "num_gpu_blocks": 0, "gpu_memory_bytes": props.total_memory}
+        return {**kv, "source": "estimate: predictor.roofline.kv_capacity at this GPU's total memory"}
 
     def run(self) -> StepsSummary:
         import torch
