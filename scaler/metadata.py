@@ -181,6 +181,14 @@ def _namespace(k: MetadataKey, text: str, ctx: _Context) -> str:
     return v
 
 
+def _label(k: MetadataKey, text: str, ctx: _Context) -> str:
+    """Empty, or a DNS label (a name shared by several ScaledObjects)."""
+    v = text.strip()
+    if v and (len(v) > 63 or not _NAMESPACE.fullmatch(v)):
+        raise MetadataError(k.name, f"expected a DNS label (lower-case letters, digits, '-', at most 63), got {v!r}")
+    return v
+
+
 def _path(k: MetadataKey, text: str, ctx: _Context) -> str:
     v = text.strip()
     if not v.startswith("/"):
@@ -210,7 +218,7 @@ def _latency_model(k: MetadataKey, text: str, ctx: _Context) -> str:
 
 KINDS: dict[str, Callable[[MetadataKey, str, _Context], Any]] = {
     "choice": _choice, "str": _str, "number": _number, "int": _int, "bool": _bool, "url": _url, "urls": _urls,
-    "selector": _selector, "namespace": _namespace, "path": _path, "promql": _promql,
+    "selector": _selector, "namespace": _namespace, "path": _path, "promql": _promql, "label": _label,
     "latency-model": _latency_model,
 }  # fmt: skip
 
@@ -300,6 +308,15 @@ class ScalerSettings:
     max_replicas: int = key("maxReplicas", "int", "100",
                             "most replicas ever asked for (set it to the ScaledObject's maxReplicaCount)",
                             lo=1, hi=100_000)  # fmt: skip
+    variant_group: str = key("variantGroup", "label", "",
+                             "heterogeneous variants: ScaledObjects of one pool role on different hardware that "
+                             "share this name (same namespace) are scaled together at the least cost")  # fmt: skip
+    cost_per_hour: float = key("costPerHour", "number", "0",
+                               "variant groups: price of one replica per hour (any currency, the same in the group)",
+                               lo=0, hi=1e6)  # fmt: skip
+    min_replicas: int = key("minReplicas", "int", "0",
+                            "variant groups: fewest replicas of this variant (set it to minReplicaCount)",
+                            lo=0, hi=100_000)  # fmt: skip
     raw: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -323,6 +340,10 @@ def _check_rules(v: dict[str, Any], model: LatencyModel | None) -> None:
         raise MetadataError("podSelector", "required in pods mode (or give podUrls)")
     if v["metrics_source"] == "prometheus" and not v["prometheus_url"]:
         raise MetadataError("prometheusUrl", "required in prometheus mode")
+    if v["variant_group"] and v["cost_per_hour"] <= 0:
+        raise MetadataError("costPerHour", "required (> 0) when variantGroup is set: the split minimises cost")
+    if v["min_replicas"] > v["max_replicas"]:
+        raise MetadataError("minReplicas", f"must be <= maxReplicas ({v['max_replicas']}), got {v['min_replicas']}")
     stable, panic = v["stable_window_s"], v["panic_window_s"]
     if panic > stable:
         raise MetadataError("panicWindowSeconds", f"must be <= stableWindowSeconds ({stable:g}), got {panic:g}")

@@ -47,6 +47,15 @@ class ScalerMetrics:
                               "sizes (the decision holds instead of growing).")  # fmt: skip
         self.reason = g("decision_reason", "1 for the reason of the last decision, 0 for the others.", ("reason",))
         self.active = g("active", "What IsActive answers (1 active, 0 idle).")
+        self.own_desired = g("variant_own_desired_replicas", "Variant groups: what this variant alone would ask "
+                             "for (desired_replicas is its share of the group's least-cost split).")  # fmt: skip
+        self.variant_req = g("variant_group_requirement", "Variant groups: the group's demand as its members "
+                             "planned it (sum of own desired x per-replica capacity).")  # fmt: skip
+        self.variant_cost = g("variant_group_cost_per_hour", "Variant groups: cost per hour of the group's split.")
+        self.variant_unavailable = g("variant_unavailable", "Variant groups: 1 while this variant is capped at its "
+                                     "ready pods (its pods stayed pending); its share moved to others.")  # fmt: skip
+        self.variant_exact = g("variant_split_exact", "Variant groups: 1 when the split is the exact optimum (or "
+                               "the kept mix), 0 when greedy or every variant is at its maximum.")  # fmt: skip
         self.errors = Counter(
             "kvscale_scaler_signal_errors", "Failed or stale signal reads (the decision was held).", LABELS,
             registry=r,
@@ -74,7 +83,8 @@ class ScalerMetrics:
         self._gauges = [self.desired, self.need, self.ready, self.arrival, self.forecast, self.isl, self.osl,
                         self.prefix, self.waiting, self.running, self.kv, self.capacity, self.correction,
                         self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold, self.unattainable,
-                        self.active]  # fmt: skip
+                        self.active, self.own_desired, self.variant_req, self.variant_cost, self.variant_unavailable,
+                        self.variant_exact]  # fmt: skip
 
     def publish(self, labels: tuple[str, ...], d: Decision, changed: bool) -> None:
         if d.desired >= 0:
@@ -92,7 +102,11 @@ class ScalerMetrics:
                            (self.correction, "correction"), (self.pred_ttft, "predicted_ttft_s"),
                            (self.obs_ttft, "observed_ttft_s"), (self.pred_itl, "predicted_itl_s"),
                            (self.obs_itl, "observed_itl_s"), (self.burst_hold, "burst_hold_s"),
-                           (self.unattainable, "slo_unattainable")):  # fmt: skip
+                           (self.unattainable, "slo_unattainable"), (self.own_desired, "own_desired"),
+                           (self.variant_req, "variant_requirement"),
+                           (self.variant_cost, "variant_group_cost_per_hour"),
+                           (self.variant_unavailable, "variant_unavailable"),
+                           (self.variant_exact, "variant_split_exact")):  # fmt: skip
             v = inputs.get(key)
             if v is not None and not math.isnan(v):
                 gauge.labels(*labels).set(v)

@@ -54,6 +54,7 @@ REASONS = (
     "scale-to-zero",
     "slo-unattainable",
     "max-replicas",
+    "variant-split",
 )
 MIN_LATENCY_SAMPLES = 20  # observations needed before an observed percentile corrects the model
 CORRECTION_DEADBAND = 1.1  # ratios within [1/x, x] count as "the model is right"

@@ -21,7 +21,7 @@ import math
 import time
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -34,6 +34,7 @@ from scaler.metadata import ScalerSettings, parse_scaler_metadata
 from scaler.metrics import ScalerMetrics
 from scaler.policy import Decision, ScalingPolicy
 from scaler.signals import PageParser, PodScrapeSource, PrometheusSource, SignalError, SignalPending, SignalSource
+from scaler.variants import VariantGroup
 
 log = logging.getLogger("kvscale.scaler")
 
@@ -89,6 +90,7 @@ class Tracker:
         self.streams = 0  # open StreamIsActive streams: a ScaledObject watched by a stream is alive
         self.annotating: asyncio.Task | None = None  # a pod-deletion-cost update in flight
         self.annotate_error: str | None = None  # the last one's error (logged once per distinct error)
+        self.own: Decision | None = None  # in a variant group: this variant's own decision, before the split
         self._changed = asyncio.Condition()
 
     @property
@@ -158,6 +160,7 @@ class ScalerService:
         self.options = options or ServeOptions()
         self.metrics = ScalerMetrics()
         self.trackers: dict[tuple[str, str], Tracker] = {}
+        self.groups: dict[tuple[str, str, str], VariantGroup] = {}  # (namespace, variantGroup, pool)
         self._settings_cache: dict[tuple, ScalerSettings] = {}
         self.models = LatencyModels()
         self.session: aiohttp.ClientSession | None = None
@@ -251,6 +254,11 @@ class ScalerService:
             await self._stop_tracker(tr)
 
     async def _stop_tracker(self, tr: Tracker) -> None:
+        gkey = (tr.key[0], tr.settings.variant_group, tr.settings.pool)
+        if tr.settings.variant_group and gkey in self.groups:
+            self.groups[gkey].forget(tr.key[1])
+            if not self.groups[gkey].members:
+                del self.groups[gkey]
         if tr.annotating is not None:
             tr.annotating.cancel()
         if tr.task is not None:
@@ -291,11 +299,56 @@ class ScalerService:
         if failed:
             self.metrics.pod_errors.labels(*tr.labels).inc(failed)
             tr.source.last_failed = 0  # type: ignore[attr-defined]
+        if tr.settings.variant_group:
+            return await self._split_group(tr, d)
+        await self._publish(tr, d)
+        return d
+
+    async def _publish(self, tr: Tracker, d: Decision) -> None:
         changed = tr.decision is not None and tr.decision.desired != d.desired
         self.metrics.publish(tr.labels, d, changed)
         await tr.publish(d)
         self._mark_deletion_costs(tr, d)
-        return d
+
+    async def _split_group(self, tr: Tracker, own: Decision) -> Decision:
+        """Variant groups (:mod:`scaler.variants`): turn this member's own decision into its share of the group's
+        least-cost split, and re-publish every member's share (a change of one member moves the others)."""
+        s = tr.settings
+        gkey = (tr.key[0], s.variant_group, s.pool)
+        group = self.groups.get(gkey)
+        if group is None:
+            group = self.groups[gkey] = VariantGroup(unavailable_after_s=2 * s.startup_s + 60.0,
+                                                     retry_after_s=max(600.0, 4 * s.startup_s))  # fmt: skip
+        member = group.members.get(tr.key[1])
+        if not own.ok or own.desired < 0:  # a hold: keep this member's share, do not re-split on bad data
+            d = own if member is None or member.share is None else replace(own, desired=member.share)
+            await self._publish(tr, d)
+            return d
+        tr.own = own
+        cap = own.inputs.get("capacity_per_replica", 0.0)
+        ready = own.inputs.get("ready_replicas", float(max(tr.current(), 0)))
+        now = self.clock()
+        split = group.update(tr.key[1], now, cost_per_hour=s.cost_per_hour, min_replicas=s.min_replicas,
+                             max_replicas=s.max_replicas, desired=own.desired,
+                             capacity=cap if math.isfinite(cap) and cap > 0 else 0.0, ready=int(ready))  # fmt: skip
+        unavailable = set(group.unavailable(now))
+        mine = own
+        for name in group.members:
+            other = self.trackers.get((tr.key[0], name))
+            if other is None or other.own is None:
+                continue
+            base = other.own
+            d = replace(base, desired=split.counts[name], reason="variant-split", inputs={
+                **base.inputs, "own_desired": float(base.desired), "variant_requirement": split.requirement,
+                "variant_group_cost_per_hour": split.cost_per_hour,
+                "variant_unavailable": 1.0 if name in unavailable else 0.0,
+                "variant_split_exact": 1.0 if split.method in ("exact", "kept") else 0.0})  # fmt: skip
+            if other is tr:
+                mine = d
+            await self._publish(other, d)
+        log.debug("%s/%s: variant group %s split %s (%s, %.2f/h)", *tr.key, s.variant_group, split.counts,
+                  split.method, split.cost_per_hour)  # fmt: skip
+        return mine
 
     def _mark_deletion_costs(self, tr: Tracker, d: Decision) -> None:
         """Drain-safe scale-down: while the decision asks for fewer pods than are ready, keep each pod's

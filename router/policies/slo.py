@@ -10,6 +10,11 @@ profiler fits; ``latency_model`` = a JSON file or a built-in name):
   each step also paying for the backend's running decodes: ``steps x (base + decode cost) + per-token + attention``;
 * **ITL** = one decode step with the batch after admission (running decodes + 1, their context + this prompt).
 
+Mixed hardware (variant groups): a backend whose label ``model_label`` (default ``kvscale.io/latency-model``)
+names a latency model — a built-in name, a JSON file, or a key of ``variant_models`` — is predicted with that
+model, so a slower variant is predicted slower and gets less of the traffic; other backends use ``latency_model``.
+A label naming a model that does not load is logged once and that backend uses ``latency_model``.
+
 SLOs come from the headers ``x-kvscale-ttft-slo-ms`` / ``x-kvscale-itl-slo-ms`` (defaults from the config). A
 backend meeting both scores ``0.5 + 0.5 x best_ttft / its_ttft``; one missing either scores only the second
 term, so the fastest backend that meets the SLO wins, and when none does, the fastest one.
@@ -24,6 +29,7 @@ lines) when set — the benchmark reads that file.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections import deque
@@ -32,11 +38,12 @@ from typing import Any
 
 from prometheus_client import Histogram
 
-from kvscale.latency import DEFAULT_MODEL, LatencyModel, load_latency_model, prefill_attn_term
+from kvscale.latency import DEFAULT_MODEL, LatencyModel, LatencyModelError, load_latency_model, prefill_attn_term
 from router.kvevents.tokens import context_token_ids, shared_tokenizer
 from router.policies.base import Outcome, Scorer, parse_config
 from router.policies.kv_events import KVEventsScorer
 
+log = logging.getLogger("kvscale.router")
 TTFT_HEADER = "x-kvscale-ttft-slo-ms"
 ITL_HEADER = "x-kvscale-itl-slo-ms"
 _STALE_S = 120.0  # a scored request never routed (no candidate left) is forgotten after this long
@@ -94,16 +101,26 @@ class SloScorer(Scorer):
         adapt: bool = True
         adapt_alpha: float = 0.1
         record_path: str | None = None  # append {request_id, backend, predicted, observed} JSON lines here
+        model_label: str = "kvscale.io/latency-model"  # backend label naming its variant's latency model
+        variant_models: dict[str, str] = field(default_factory=dict)  # label value -> latency model spec
 
         def validate(self) -> None:
             if self.max_num_batched_tokens < 1:
                 raise ValueError("max_num_batched_tokens must be >= 1")
             if not 0 < self.adapt_alpha <= 1:
                 raise ValueError("adapt_alpha must be in (0, 1]")
+            for name, spec in self.variant_models.items():  # a bad mapping is a config error, at start
+                try:
+                    load_latency_model(spec)
+                except LatencyModelError as e:
+                    raise ValueError(f"variant_models.{name}: {e}") from None
 
     def __init__(self, config: Config, services: Any) -> None:
         super().__init__(config, services)
         self.latency: LatencyModel = load_latency_model(config.latency_model)
+        self._models: dict[str, LatencyModel] = {}  # label value -> its model (or the default when it failed)
+        for name, spec in config.variant_models.items():
+            self._models[name] = load_latency_model(spec)
         extras = services.extras
         shared = extras.get("slo")
         if shared is None:
@@ -194,9 +211,27 @@ class SloScorer(Scorer):
             self._record_file.write(json.dumps(rec) + "\n")
 
     # -- prediction ------------------------------------------------------------------------------------------------
-    def predict(self, prompt_tokens: int, cached: int, load: _Load, correction: float = 1.0) -> tuple[float, float]:
-        """(raw TTFT, ITL) in seconds for a request on a backend carrying ``load`` (see the module docstring)."""
-        c = self.latency.coefficients
+    def model_for(self, backend: Any) -> LatencyModel:
+        """The latency model of ``backend``'s variant (its ``model_label`` label), else ``latency_model``."""
+        name = (getattr(backend, "labels", None) or {}).get(self.config.model_label)
+        if not name:
+            return self.latency
+        m = self._models.get(name)
+        if m is None:
+            try:
+                m = load_latency_model(name)
+            except LatencyModelError as e:
+                log.warning("backend label %s=%r: %s; using %s", self.config.model_label, name, e, self.latency.name)
+                m = self.latency
+            self._models[name] = m
+        return m
+
+    def predict(self, prompt_tokens: int, cached: int, load: _Load, correction: float = 1.0,
+                model: LatencyModel | None = None) -> tuple[float, float]:  # fmt: skip
+        """(raw TTFT, ITL) in seconds for a request on a backend carrying ``load`` (see the module docstring), with
+        ``model`` (default the configured ``latency_model``)."""
+        latency = model or self.latency
+        c = latency.coefficients
         own = max(prompt_tokens - cached, 1)  # the last prompt token is always computed
         ahead = load.pending_prefill
         total = own + ahead
@@ -204,7 +239,7 @@ class SloScorer(Scorer):
         per_step = c.base_s + c.per_decode_seq_s * load.decoding + c.per_decode_ctx_s * load.context
         ttft = (steps * per_step + c.per_prefill_token_s * total
                 + c.per_prefill_attn_s * (prefill_attn_term(own, cached) + prefill_attn_term(ahead, 0)))  # fmt: skip
-        itl = self.latency.decode_step_time(load.decoding + 1, load.context + prompt_tokens)
+        itl = latency.decode_step_time(load.decoding + 1, load.context + prompt_tokens)
         return ttft * correction, itl
 
     def score(self, ctx, backends):
@@ -224,7 +259,7 @@ class SloScorer(Scorer):
         for b in backends:
             cached = hit.get(b.url, 0)
             corr = sh.correction.get(b.url, 1.0)
-            raw, itl = self.predict(n, cached, sh.loads.get(b.url) or _Load(), 1.0)
+            raw, itl = self.predict(n, cached, sh.loads.get(b.url) or _Load(), 1.0, self.model_for(b))
             ttft = raw * corr
             meets = (ttft_slo is None or ttft * 1000 <= ttft_slo) and (itl_slo is None or itl * 1000 <= itl_slo)
             per[b.url] = {"ttft_s": ttft, "raw_ttft_s": raw, "itl_s": itl, "meets": meets,

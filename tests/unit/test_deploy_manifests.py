@@ -24,7 +24,7 @@ from deploy import k8s_checks, kvscale_checks, objects, render
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("aggregated", "pd")
+OVERLAYS = ("aggregated", "pd", "variants")
 
 
 
@@ -53,6 +53,8 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict]]) -
         "aggregated": common | {("Deployment", "vllm"), ("ScaledObject", "vllm")},
         "pd": common | {("Deployment", "vllm-prefill"), ("Deployment", "vllm-decode"),
                         ("ScaledObject", "vllm-prefill"), ("ScaledObject", "vllm-decode")},
+        "variants": common | {("Deployment", "vllm-h100"), ("Deployment", "vllm-a100"),
+                              ("ScaledObject", "vllm-h100"), ("ScaledObject", "vllm-a100")},
     }  # fmt: skip
     for name, docs in rendered.items():
         got = {(d["kind"], d["metadata"]["name"]) for d in docs}
@@ -95,6 +97,7 @@ def test_scaler_accepts_every_scaledobject_trigger(rendered: dict[str, list[dict
 
     ``latencyModel`` points into the ConfigMap the scaler pod mounts; the check reads that ConfigMap's content.
     """
+    from kvscale.latency import builtin_models
     from scaler.metadata import parse_scaler_metadata
 
     seen: list[tuple[str, str]] = []
@@ -102,11 +105,12 @@ def test_scaler_accepts_every_scaledobject_trigger(rendered: dict[str, list[dict
     def parse(md: dict[str, str], namespace: str):
         settings = parse_scaler_metadata(md, namespace)
         seen.append((settings.pool, settings.pod_namespace))
-        assert Path(settings.latency_model).is_file()
+        assert Path(settings.latency_model).is_file() or settings.latency_model in builtin_models()
         return settings
 
     assert kvscale_checks.check_scaler_metadata(rendered[overlay], parse) == []
-    pools = {"aggregated": {("aggregated", "kvscale")}, "pd": {("prefill", "kvscale"), ("decode", "kvscale")}}
+    pools = {"aggregated": {("aggregated", "kvscale")}, "pd": {("prefill", "kvscale"), ("decode", "kvscale")},
+             "variants": {("aggregated", "kvscale")}}
     assert set(seen) == pools[overlay]
 
 
@@ -122,7 +126,9 @@ def test_latency_model_matches_the_engines(rendered: dict[str, list[dict]]) -> N
     """The shipped latency model loads, describes the served model, and the GPU the engines are pinned to."""
     from kvscale.latency import latency_model_from_dict
 
-    for docs in rendered.values():
+    for name, docs in rendered.items():
+        if name == "variants":
+            continue  # one model per variant: test_variants_overlay_pins_each_variant_to_its_gpu_and_model
         cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvscale-latency"))
         model = latency_model_from_dict(json.loads(cm["data"]["latency-model.json"]))
         for w in kvscale_checks.engine_workloads(docs):
@@ -435,3 +441,29 @@ def test_docs_cover_secrets_and_every_metadata_key(rendered: dict[str, list[dict
     for cmd in ("kubectl apply -k deploy/overlays/pd", "kubectl apply -k deploy/overlays/aggregated",
                 "deploy/tls/make-certs.sh", "python deploy/render.py"):  # fmt: skip
         assert cmd in doc
+
+
+def test_variants_overlay_pins_each_variant_to_its_gpu_and_model(rendered: dict[str, list[dict]]) -> None:
+    """Each variant's pods run on its GPU type, carry the label naming its latency model (the router reads it),
+    and its ScaledObject names the same model, its price and the shared variantGroup; the router runs ``slo``."""
+    from kvscale.latency import load_latency_model
+    from scaler.metadata import parse_scaler_metadata
+
+    docs = rendered["variants"]
+    groups = set()
+    for gpu, product in (("h100", "NVIDIA-H100-80GB-HBM3"), ("a100", "NVIDIA-A100-SXM4-40GB")):
+        dep, so = _get(docs, "Deployment", f"vllm-{gpu}"), _get(docs, "ScaledObject", f"vllm-{gpu}")
+        tmpl = dep["spec"]["template"]
+        terms = tmpl["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+            "nodeSelectorTerms"]  # fmt: skip
+        assert [v for t in terms for e in t["matchExpressions"] for v in e["values"]] == [product]
+        assert dep["spec"]["selector"]["matchLabels"]["kvscale.io/gpu"] == gpu
+        s = parse_scaler_metadata(so["spec"]["triggers"][0]["metadata"], "kvscale")
+        assert tmpl["metadata"]["labels"]["kvscale.io/latency-model"] == s.latency_model
+        assert gpu.upper() in load_latency_model(s.latency_model).hardware.upper()
+        assert s.cost_per_hour > 0 and f"kvscale.io/gpu={gpu}" in s.pod_selector
+        assert (s.min_replicas, s.max_replicas) == (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"])
+        groups.add(s.variant_group)
+    assert len(groups) == 1 and groups != {""}
+    router_args = _get(docs, "Deployment", "kvscale-router")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--policy=slo" in router_args and "--policy=prefix" not in router_args

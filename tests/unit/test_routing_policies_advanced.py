@@ -172,3 +172,31 @@ def test_kv_events_manager_needs_a_running_loop_only_when_syncing() -> None:
     s2 = KVEventsScorer(KVEventsScorer.Config(), services)
     assert s2.manager is s.manager  # one manager per app
     asyncio.run(s.manager.close())
+
+
+def test_slo_scorer_predicts_each_variant_with_its_own_latency_model() -> None:
+    """A mixed pool (variant groups): the backend label names its hardware's model, so the slower variant is
+    predicted slower and gets less of the traffic."""
+    clock = [0.0]
+    s = SloScorer(SloScorer.Config(variant_models={"a100": "llama-3-8b-a100-40gb-vllm-public"}),
+                  Services(clock=lambda: clock[0]))  # fmt: skip
+    h100 = Backend("http://10.0.0.1:8000", labels={"kvscale.io/latency-model": "llama-3-8b-h100-vllm-public"})
+    a100 = Backend("http://10.0.0.2:8000", labels={"kvscale.io/latency-model": "a100"})
+    plain = Backend("http://10.0.0.3:8000")
+    assert s.model_for(h100).name == "llama-3-8b-h100-vllm-public"
+    assert s.model_for(a100).name == "llama-3-8b-a100-40gb-vllm-public"
+    assert s.model_for(plain) is s.latency
+    prompt = " ".join(f"w{i}" for i in range(2000))
+    picks = {h100.url: 0, a100.url: 0}
+    for i in range(40):  # nothing finishes: each routed prefill queues on its backend
+        c = ctx(prompt, rid=f"r{i}")
+        scores = s.score(c, [h100, a100])
+        best = max(scores, key=scores.get)
+        c.tried.append(best.url)
+        picks[best.url] += 1
+    assert picks[h100.url] > 1.5 * picks[a100.url] > 0  # both used, the faster one about twice as much
+    unknown = Backend("http://10.0.0.4:8000", labels={"kvscale.io/latency-model": "no-such-model"})
+    assert s.model_for(unknown) is s.latency  # logged once, falls back to the default
+    with pytest.raises(PluginConfigError, match=r"variant_models\.x"):
+        load_registry().create("scorer", {"type": "slo", "config": {"variant_models": {"x": "nope"}}}, Services(),
+                               "test")  # fmt: skip

@@ -91,11 +91,14 @@ def test_failed_metric_read_holds():
 
 
 def _scaledobjects() -> dict[str, dict]:
-    out = {}
+    """The first committed ScaledObject per pool (as committed_behavior reads them); every other one of the pool
+    (the variants overlay's) must configure the same HPA behaviour, so the evaluator's HPA describes each."""
+    out: dict[str, dict] = {}
     for path in sorted((DEPLOY_DIR / "overlays").glob("**/scaledobject*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc and doc.get("kind") == "ScaledObject":
-                out[doc["spec"]["triggers"][0]["metadata"]["pool"]] = doc
+                first = out.setdefault(doc["spec"]["triggers"][0]["metadata"]["pool"], doc)
+                assert doc["spec"]["advanced"] == first["spec"]["advanced"], doc["metadata"]["name"]
     return out
 
 

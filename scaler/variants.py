@@ -1,0 +1,179 @@
+"""Heterogeneous variants: several Deployments of one role on different hardware, scaled together at least cost.
+
+Each variant has its own ScaledObject (metadata ``variantGroup`` naming the group, ``costPerHour`` the price of
+one replica, ``latencyModel`` its hardware's model, ``minReplicas``/``maxReplicas`` its bounds). Every member
+decides for itself as usual (its own pods' signals, its own latency model, its own stability rules); the group
+then turns those decisions into one requirement and splits it across the variants:
+
+* **requirement** ``R = sum_i desired_i x capacity_i``: each member's stabilised replica count times what one of
+  its replicas serves under the SLO (its decision's ``capacity_per_replica``, in the pool's demand unit: prefill
+  tokens/s, decode tokens/s or requests/s), i.e. the group's demand as the members planned it;
+* **split** (:func:`split`): the integer counts ``n_i`` in ``[min_i, max_i]`` with ``sum n_i x capacity_i >= R``
+  at the least ``sum n_i x cost_i``: exact (enumeration) for small groups, else greedy (cheapest capacity per
+  dollar first; its cost is at most the optimum plus the price of one replica of the dearest variant, since the
+  greedy order is the optimum of the fractional problem and only its last variant is rounded up);
+* **hysteresis**: the current counts are kept while they cover ``R`` and cost at most ``KEEP_WITHIN`` more than
+  the optimum, so equal-cost mixes do not swap pods back and forth;
+* **unavailable variants**: a member whose ready pods stayed below its share for ``unavailable_after_s`` (its
+  pods are pending: no node of that GPU type) is capped at its ready pods, and the rest of the requirement goes
+  to the others; it is retried when its pods become ready or the cap expires (``retry_after_s``).
+
+Each member's ``GetMetrics`` then answers its share; the decision's reason is ``variant-split``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+EXACT_MAX_COMBINATIONS = 200_000  # enumerate when the product of the free ranges (all but one variant) is below this
+KEEP_WITHIN = 0.05  # keep the current mix when it covers the requirement at most 5 % above the optimal cost
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    cost_per_hour: float
+    capacity: float  # demand units one replica serves under the SLO
+    min_replicas: int = 0
+    max_replicas: int = 100
+    current: int = 0  # replicas it has now (its share as last applied)
+
+
+@dataclass(frozen=True)
+class Split:
+    counts: dict[str, int]
+    cost_per_hour: float
+    capacity: float
+    requirement: float
+    method: str  # exact | greedy | kept | at-max
+    feasible: bool = True
+
+
+def _cost(variants: Sequence[Variant], counts: Sequence[int]) -> float:
+    return sum(v.cost_per_hour * n for v, n in zip(variants, counts, strict=True))
+
+
+def _cap(variants: Sequence[Variant], counts: Sequence[int]) -> float:
+    return sum(v.capacity * n for v, n in zip(variants, counts, strict=True))
+
+
+def _exact(vs: Sequence[Variant], need: float) -> list[int] | None:
+    """The least-cost counts meeting ``need`` (None: the product of ranges is too large to enumerate)."""
+    *free, last = vs
+    ranges = [range(v.min_replicas, v.max_replicas + 1) for v in free]
+    if math.prod(len(r) for r in ranges) > EXACT_MAX_COMBINATIONS:
+        return None
+    best: tuple[float, float, int, list[int]] | None = None
+    for combo in itertools.product(*ranges):
+        rest = need - _cap(free, combo)
+        n_last = last.min_replicas if rest <= 0 else max(last.min_replicas, math.ceil(rest / last.capacity - 1e-9))
+        if n_last > last.max_replicas:
+            continue
+        counts = [*combo, n_last]
+        # least cost, then least spare capacity, then fewest changes to the current counts
+        key = (round(_cost(vs, counts), 9), round(_cap(vs, counts) - need, 9),
+               sum(abs(n - v.current) for n, v in zip(counts, vs, strict=True)), counts)  # fmt: skip
+        if best is None or key < best:
+            best = key
+    return None if best is None else best[3]
+
+
+def _greedy(vs: Sequence[Variant], need: float) -> list[int]:
+    counts = [v.min_replicas for v in vs]
+    order = sorted(range(len(vs)), key=lambda i: (vs[i].cost_per_hour / vs[i].capacity, vs[i].name))
+    for i in order:
+        rest = need - _cap(vs, counts)
+        if rest <= 0:
+            break
+        counts[i] = min(vs[i].max_replicas, counts[i] + math.ceil(rest / vs[i].capacity - 1e-9))
+    return counts
+
+
+def split(requirement: float, variants: Sequence[Variant], *, exact: bool = True) -> Split:
+    """Counts per variant covering ``requirement`` at the least cost (see the module docstring)."""
+    if not variants:
+        raise ValueError("a variant group needs at least one variant")
+    vs = [v for v in variants if v.capacity > 0]
+    dead = [v for v in variants if v.capacity <= 0]  # no replica of it meets the SLO: keep it at its minimum
+    base = {v.name: v.min_replicas for v in dead}
+    if not vs:
+        return Split(base, _cost(dead, list(base.values())), 0.0, requirement, "at-max", requirement <= 0)
+    need = max(0.0, requirement)
+    top = [v.max_replicas for v in vs]
+    if _cap(vs, top) < need:  # even every replica is not enough: all at their maximum
+        counts, method, feasible = top, "at-max", False
+    else:
+        counts = _exact(vs, need) if exact else None
+        method = "exact" if counts is not None else "greedy"
+        if counts is None:
+            counts = _greedy(vs, need)
+        feasible = True
+        cur = [min(max(v.current, v.min_replicas), v.max_replicas) for v in vs]
+        if _cap(vs, cur) >= need and _cost(vs, cur) <= _cost(vs, counts) * (1 + KEEP_WITHIN) + 1e-9:
+            counts, method = cur, "kept"
+    out = {**{v.name: n for v, n in zip(vs, counts, strict=True)}, **base}
+    return Split(out, _cost(vs, counts) + _cost(dead, list(base.values())), _cap(vs, counts), requirement, method,
+                 feasible)  # fmt: skip
+
+
+@dataclass
+class Member:
+    """What the group knows of one variant: its settings and its last own decision."""
+
+    name: str
+    cost_per_hour: float
+    min_replicas: int
+    max_replicas: int
+    desired: int = 0
+    capacity: float = 0.0
+    ready: int = 0
+    share: int | None = None
+    short_since: float | None = None  # since when its ready pods are below its share
+    capped_until: float = -math.inf
+
+
+@dataclass
+class VariantGroup:
+    """The members of one group (namespace, ``variantGroup``, pool) and their last split."""
+
+    unavailable_after_s: float
+    retry_after_s: float
+    members: dict[str, Member] = field(default_factory=dict)
+    last: Split | None = None
+
+    def update(self, name: str, now: float, *, cost_per_hour: float, min_replicas: int, max_replicas: int,
+               desired: int, capacity: float, ready: int) -> Split:  # fmt: skip
+        """Record member ``name``'s latest own decision and re-split the group."""
+        m = self.members.get(name)
+        if m is None:
+            m = self.members[name] = Member(name, cost_per_hour, min_replicas, max_replicas)
+        m.cost_per_hour, m.min_replicas, m.max_replicas = cost_per_hour, min_replicas, max_replicas
+        m.desired, m.capacity, m.ready = desired, capacity, ready
+        variants = []
+        for x in self.members.values():
+            if x.share is not None and x.ready < x.share:
+                x.short_since = now if x.short_since is None else x.short_since
+                if now - x.short_since >= self.unavailable_after_s and now >= x.capped_until:
+                    x.capped_until = now + self.retry_after_s
+            else:
+                x.short_since = None
+            hi = x.max_replicas
+            if now < x.capped_until:
+                hi = max(min(hi, x.ready), x.min_replicas)
+            variants.append(Variant(x.name, x.cost_per_hour, x.capacity, min(x.min_replicas, hi), hi,
+                                    x.share if x.share is not None else x.desired))  # fmt: skip
+        requirement = sum(x.desired * x.capacity for x in self.members.values())
+        s = split(requirement, variants)
+        for x in self.members.values():
+            x.share = s.counts[x.name]
+        self.last = s
+        return s
+
+    def forget(self, name: str) -> None:
+        self.members.pop(name, None)
+
+    def unavailable(self, now: float) -> list[str]:
+        return sorted(x.name for x in self.members.values() if now < x.capped_until)
