@@ -80,6 +80,7 @@ class ReplicaView:
     waiting: int = 0
     kv_usage: float = 0.0
     synced_s: float | None = None  # when those stats were read (None: not yet)
+    variant: str = ""  # a mixed pool: the replica's variant (its latency model's spec), as a pod label names it
 
 
 @dataclass(slots=True)
@@ -148,9 +149,11 @@ class Replica:
     killed: int = 0  # requests killed when its grace period ended
     next_wake: float = -1.0
     admitting: int = 0  # dispatched requests still in the API server's per-request overhead (not in the engine)
+    variant: str = ""  # a mixed pool (Cluster(variants=...)): which variant, i.e. which latency model
 
     def __post_init__(self) -> None:
-        self.view = ReplicaView(self.replica_id, f"{self.pool}-{self.replica_id}", self.pool, ROLE_OF_POOL[self.pool])
+        self.view = ReplicaView(self.replica_id, f"{self.pool}-{self.replica_id}", self.pool, ROLE_OF_POOL[self.pool],
+                                variant=self.variant)  # fmt: skip
 
     def serving(self, now: float) -> bool:
         return self.deleted_s is None and not self.draining and now >= self.ready_s
@@ -203,6 +206,7 @@ class ClusterResult:
     itl: LogHistogram
     wall_steps: int
     end_s: float
+    variant_seconds: dict[str, float] = field(default_factory=dict)  # a mixed pool: replica-seconds per variant
 
     def array(self, name: str) -> np.ndarray:
         return np.array([getattr(r, name) for r in self.records], dtype=np.float64)
@@ -289,8 +293,17 @@ class Cluster:
         backlog_wait_s: float = 3600.0,
         kv_events: bool = False,
         grace_s: float | None = None,
+        variants: dict[str, LatencyModel] | None = None,
+        variant_replicas: dict[str, int] | None = None,
+        variant_configs: dict[str, EngineConfig] | None = None,
     ) -> None:
+        """``variants``: a mixed aggregated pool, variant name -> its latency model (replicas of each are scaled
+        with ``set_replicas(pool, n, variant=name)``, dispatched to as one pool); ``variant_replicas``: how many of
+        each are ready at the start (instead of ``replicas``); ``variant_configs``: a variant's own engine config
+        (its GPU's KV-cache size), default ``engine_config``."""
         self.latency = latency
+        self.variants = dict(variants or {})
+        self.variant_configs = dict(variant_configs or {})
         self.grace_s = grace_s  # terminationGracePeriodSeconds; None: a draining replica finishes all it holds
         # Per pool, the pod-deletion-cost a controller keeps on its pods (default: unset, 0 for all)
         self.deletion_cost: dict[str, Callable[[Replica], float]] = {}
@@ -316,6 +329,10 @@ class Cluster:
         # events) at each sync, with what each replica's engine published since the last one.
         self._kv_listeners = list({id(d): d for d in self.dispatchers.values()
                                    if hasattr(d, "observe_kv_events")}.values())  # fmt: skip
+        # Dispatchers that follow their requests to the end, as a router sees each response finish:
+        # observe_finish(view, request) when a request (or a P/D leg) it dispatched finishes on that replica
+        self._finish_listeners = list({id(d): d for d in self.dispatchers.values()
+                                       if hasattr(d, "observe_finish")}.values())  # fmt: skip
         self.replicas: list[Replica] = []
         self._ids = itertools.count()
         self._events: list[_Event] = []
@@ -340,42 +357,61 @@ class Cluster:
         # Called as fn(replica, request) when a request (or a P/D prefill leg) finishes on a replica, e.g. to keep
         # per-replica request counters and latency histograms like a real engine's /metrics.
         self.finish_listeners: list[Callable[[Replica, Request], None]] = []
-        for pool, n in initial.items():
-            for _ in range(n):
-                self._start_replica(pool, 0.0, ready_now=True)
+        if variant_replicas:
+            unknown = set(variant_replicas) - set(self.variants)
+            if unknown or self.pd:
+                raise ValueError(f"variant_replicas: unknown variant(s) {sorted(unknown)} (or a P/D cluster)")
+            for v, n in variant_replicas.items():
+                for _ in range(n):
+                    self._start_replica("aggregated", 0.0, ready_now=True, variant=v)
+        else:
+            for pool, n in initial.items():
+                for _ in range(n):
+                    self._start_replica(pool, 0.0, ready_now=True)
         self._record_timeline(0.0)
 
     # -- replicas ------------------------------------------------------------------------------------------------
-    def _start_replica(self, pool: str, now: float, *, ready_now: bool = False) -> Replica:
-        engine = EngineCore(self.engine_config, self.latency, record_events=self.kv_events)
+    def latency_of(self, r: Replica) -> LatencyModel:
+        return self.variants[r.variant] if r.variant else self.latency
+
+    def _start_replica(self, pool: str, now: float, *, ready_now: bool = False, variant: str = "") -> Replica:
+        if variant and variant not in self.variants:
+            raise ValueError(f"unknown variant {variant!r} (variants: {sorted(self.variants)})")
+        model = self.variants[variant] if variant else self.latency
+        config = self.variant_configs.get(variant, self.engine_config)
+        engine = EngineCore(config, model, record_events=self.kv_events)
         ready = now if ready_now else now + self.startup_s
-        r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready)
+        r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready, variant=variant)
         self.replicas.append(r)  # at index replica_id (ids count from 0; replicas are never removed)
         if not ready_now:
             self._push(ready, READY, r)  # also when startup_s is 0: the router backlog is flushed then
         return r
 
-    def pool_replicas(self, pool: str, *, include_draining: bool = False) -> list[Replica]:
+    def pool_replicas(self, pool: str, *, include_draining: bool = False, variant: str | None = None) -> list[Replica]:
+        """The pool's live replicas (of one ``variant`` when given; a mixed pool's variants are Deployments)."""
         return [
             r for r in self.replicas if r.pool == pool and r.deleted_s is None and (include_draining or not r.draining)
-        ]
+            and (variant is None or r.variant == variant)
+        ]  # fmt: skip
 
-    def serving_replicas(self, pool: str, now: float) -> list[Replica]:
+    def serving_replicas(self, pool: str, now: float, variant: str | None = None) -> list[Replica]:
         """The pool's replicas that take requests at ``now``: started, ready, not draining (what an Endpoints
-        controller lists, and what a scraper of the pool's pods reads)."""
-        return [r for r in self.replicas if r.pool == pool and r.serving(now)]
+        controller lists, and what a scraper of the pool's pods reads); of one ``variant`` when given."""
+        return [r for r in self.replicas
+                if r.pool == pool and r.serving(now) and (variant is None or r.variant == variant)]  # fmt: skip
 
-    def set_replicas(self, pool: str, n: int, now: float | None = None) -> None:
-        """Scale a pool to ``n`` replicas (starting ones count); surplus ones drain in :func:`deletion_order`."""
+    def set_replicas(self, pool: str, n: int, now: float | None = None, variant: str | None = None) -> None:
+        """Scale a pool (or one ``variant`` of a mixed pool: its own Deployment) to ``n`` replicas (starting ones
+        count); surplus ones drain in :func:`deletion_order`."""
         now = self._now if now is None else now
         if pool not in POOLS:
             raise ValueError(f"unknown pool {pool!r}")
         n = max(0, int(n))
-        live = self.pool_replicas(pool)
+        live = self.pool_replicas(pool, variant=variant)
         if n > len(live):
             # undrain first (a pod being deleted cannot come back in Kubernetes, so we start new ones)
             for _ in range(n - len(live)):
-                self._start_replica(pool, now)
+                self._start_replica(pool, now, variant=variant or "")
         elif n < len(live):
             for r in deletion_order(live, now, self.deletion_cost.get(pool))[: len(live) - n]:
                 r.draining = True
@@ -421,6 +457,8 @@ class Cluster:
         for req in out.finished:
             for listener in self.finish_listeners:
                 listener(r, req)
+            for d in self._finish_listeners:
+                d.observe_finish(r.view, req)
             tr = req.user
             rec = tr.record
             if r.pool == "prefill":
@@ -458,6 +496,9 @@ class Cluster:
         room = self.engine_config.scheduler.max_model_len - t.input_len
         if room < 1:  # a real server answers 400; the trace generator should not produce these
             tr.record.dropped = True
+            rejected = getattr(self.dispatchers[pool], "observe_rejected", None)
+            if rejected is not None:
+                rejected(rid)
             return
         prompt = (t.prompt_tokens if t.prompt_tokens is not None else blocks if blocks is not None
                   else SyntheticPrompt(t.input_len, tr.record_id))  # fmt: skip
@@ -474,7 +515,7 @@ class Cluster:
             tr.origin.engine.release_held(prefill_req.request_id)
         tr.record.replica = r.replica_id
         r.view.in_flight += 1
-        overhead = self.latency.request_overhead_s
+        overhead = self.latency_of(r).request_overhead_s
         if overhead > 0:  # the pod's API server holds the request first; the engine keeps stepping meanwhile
             r.admitting += 1
             self._push(now + overhead, ADMIT, (r, req))
@@ -484,7 +525,7 @@ class Cluster:
     def _admit(self, r: Replica, req: Request, now: float) -> None:
         self._advance(r, now)
         # arrival_time as vLLM's API server sets it (after HTTP), for finish listeners' engine-side TTFT
-        r.engine.add_request(req, now, arrival_time=req.arrival_time + self.latency.client_overhead_s)
+        r.engine.add_request(req, now, arrival_time=req.arrival_time + self.latency_of(r).client_overhead_s)
         self._schedule_wake(r)
 
     def _sync(self, now: float) -> None:
@@ -540,11 +581,14 @@ class Cluster:
             for tr in waiting:
                 tr.record.dropped = True
         rs: dict[str, float] = {}
+        vs: dict[str, float] = {}
         for r in self.replicas:
             stop = r.deleted_s if r.deleted_s is not None else end
             rs[r.pool] = rs.get(r.pool, 0.0) + max(0.0, stop - r.created_s)
+            if r.variant:
+                vs[r.variant] = vs.get(r.variant, 0.0) + max(0.0, stop - r.created_s)
         steps = sum(r.engine.num_steps for r in self.replicas)
-        return ClusterResult(records, rs, self.timeline, self.itl, steps, end)
+        return ClusterResult(records, rs, self.timeline, self.itl, steps, end, vs)
 
     # -- event handlers: one per kind, called at the event's time ------------------------------------------------
     def _on_arrival(self, now: float, tr: _Tracked) -> None:

@@ -12,6 +12,9 @@ built from the same registry and presets as ``kvscale router serve`` and is fed 
   sharing the trace records; prompts without ids get a unique text;
 * KV events as each replica's engine publishes them, delivered after ``kv_event_delay_s`` and dropped with
   probability ``kv_event_drop`` (a batch per replica per sync), into the router's own KV-event index;
+* each request's end: the plugins' ``on_finish`` with the TTFT and duration the router would observe, when the
+  engine finishes it (the cluster calls :meth:`PipelineDispatcher.observe_finish`), so plugins that count open
+  work (``slo``'s queued prefill and decodes, Dynamo's active blocks) release it as the proxy's hooks do;
 * the virtual clock as ``Services.clock``.
 
 What differs from the proxy (documented approximations): the "response started" hook runs at dispatch (the proxy
@@ -31,7 +34,7 @@ from kvscale.kv_events import KVEvent
 from router.backends import Backend
 from router.context import RequestContext
 from router.pd import pd_kv_scorer, rank_prefill
-from router.policies import Pipeline, Services, build_pipeline, load_registry
+from router.policies import Outcome, Pipeline, Services, build_pipeline, load_registry
 from router.prefix_index import PrefixIndex
 from simulator.cluster import DispatchRequest, ReplicaView
 
@@ -73,6 +76,7 @@ class PipelineDispatcher:
         self.kv_event_delay_s, self.kv_event_drop = kv_event_delay_s, kv_event_drop
         self._drop_rng = random.Random(seed + 1)
         self._backends: dict[int, Backend] = {}
+        self._open: dict[str, tuple[RequestContext, Backend]] = {}  # dispatched, not finished: for on_finish
         self._pending: deque[tuple[float, str, list[KVEvent]]] = deque()
         self.rejected = 0
         self.kv_batches_dropped = 0
@@ -86,7 +90,9 @@ class PipelineDispatcher:
     def _backend(self, v: ReplicaView) -> Backend:
         b = self._backends.get(v.replica_id)
         if b is None:
-            b = self._backends[v.replica_id] = Backend(f"http://{v.name}", role=v.role,
+            # a mixed pool's replica carries its variant's latency model as the pod label the slo scorer reads
+            labels = {"kvscale.io/latency-model": v.variant} if v.variant else {}
+            b = self._backends[v.replica_id] = Backend(f"http://{v.name}", role=v.role, labels=labels,
                                                        configured_models=frozenset({self.model}))  # fmt: skip
         b.in_flight = v.in_flight
         if v.synced_s is not None and b.stats_at != v.synced_s:
@@ -121,7 +127,28 @@ class PipelineDispatcher:
         ctx.tried.append(chosen.url)
         chosen.in_flight += 1
         self.pipeline.on_response_start(ctx, chosen)
+        self._open[req.request_id] = (ctx, chosen)
         return candidates[backends.index(chosen)]
+
+    def observe_rejected(self, request_id: str) -> None:
+        """The replica refused a request this dispatcher sent (prompt beyond ``max_model_len``: vLLM's 400)."""
+        opened = self._open.pop(request_id, None)
+        if opened is not None:
+            self.pipeline.on_finish(opened[0], opened[1], Outcome(400, "invalid"))
+
+    def observe_finish(self, view: ReplicaView, req: Any) -> None:
+        """A request this dispatcher sent finished (the cluster calls this): the plugins' ``on_finish``, with the
+        TTFT and duration the router would have observed, at the finish time."""
+        opened = self._open.pop(req.request_id, None)
+        if opened is None:
+            return
+        ctx, backend = opened
+        self.now = max(self.now, req.finish_time)
+        started = ctx.started if ctx.started is not None else req.arrival_time
+        ttft = req.first_token_time - started if req.first_token_time >= 0 else None
+        self.pipeline.on_finish(ctx, backend, Outcome(200, None, ttft, max(0.0, req.finish_time - started),
+                                                      req.num_prompt_tokens, req.num_output_tokens,
+                                                      max(req.num_cached_tokens, 0)))  # fmt: skip
 
     def observe_kv_events(self, now: float, view: ReplicaView, events: list[KVEvent]) -> None:
         """A replica's engine published ``events`` (the cluster calls this at each sync)."""

@@ -90,3 +90,24 @@ def test_cli_json_table_and_bad_policy(tmp_path, capsys):
     bad = [*argv[:-6], "--policies", "round-robin,nope", "--json", str(out)]
     assert main(bad) == 2
     assert "unknown router policy ['nope']" in capsys.readouterr().err
+
+
+def test_plugins_that_count_open_work_see_every_request_finish(trace):
+    """The virtual driver delivers ``on_finish`` as the proxy does: after the run no request is still counted open
+    by ``slo`` (queued prefill, decodes, context) nor by Dynamo's active sequences, and slo compared predicted with
+    observed TTFT for each request."""
+    setup = RoutingSetup(LAT, replicas=4)
+    for policy in ("slo", "peer:dynamo-kv"):
+        d = PipelineDispatcher(policy)
+        res = Cluster(LAT, setup.engine_config(), replicas={"aggregated": 4}, dispatcher=d,
+                      kv_events=d.uses_kv_events).run(trace)  # fmt: skip
+        done = sum(r.e2e_s == r.e2e_s for r in res.records)
+        assert done > 0.9 * len(trace) and not d._open  # the rest: prompts beyond max_model_len (vLLM's 400)
+        if policy == "slo":
+            loads = d.services.extras["slo"].loads
+            assert loads and all((x.pending_prefill, x.decoding, x.context) == (0, 0, 0) for x in loads.values())
+            assert len(d.services.extras["slo.records"]) == done
+        else:
+            picker = d.pipeline.picker  # Dynamo's KV router is a picker (its cost is the whole decision)
+            actives = [picker.active(f"http://aggregated-{i}") for i in range(4)]
+            assert any(a is not None for a in actives) and all(len(a) == 0 for a in actives if a is not None)
