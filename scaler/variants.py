@@ -5,9 +5,13 @@ one replica, ``latencyModel`` its hardware's model, ``minReplicas``/``maxReplica
 decides for itself as usual (its own pods' signals, its own latency model, its own stability rules); the group
 then turns those decisions into one requirement and splits it across the variants:
 
-* **requirement** ``R = sum_i desired_i x capacity_i``: each member's stabilised replica count times what one of
-  its replicas serves under the SLO (its decision's ``capacity_per_replica``, in the pool's demand unit: prefill
-  tokens/s, decode tokens/s or requests/s), i.e. the group's demand as the members planned it;
+* **requirement** ``R``: the sum over members of what each plans to serve, in the pool's demand unit (prefill
+  tokens/s, decode tokens/s or requests/s): its fractional ``need`` (forecast demand with its queue and KV
+  corrections) times what one of its replicas serves under the SLO (its decision's ``capacity_per_replica``), or,
+  while it grows (scale-up, panic, queue, KV pressure: the fast paths), its ``desired`` count times that capacity;
+  a member with no ready pod counts 0 (it sees no traffic, and its own one-replica floor is not demand). ``R`` is
+  held at its largest value over the stable window (as a single pool's scale-down is), and the members' needs
+  are summed before rounding, so the group does not pay one rounded-up replica per variant;
 * **split** (:func:`split`): the integer counts ``n_i`` in ``[min_i, max_i]`` with ``sum n_i x capacity_i >= R``
   at the least ``sum n_i x cost_i``: exact (enumeration) for small groups, else greedy (cheapest capacity per
   dollar first; its cost is at most the optimum plus the price of one replica of the dearest variant, since the
@@ -19,17 +23,26 @@ then turns those decisions into one requirement and splits it across the variant
   to the others; it is retried when its pods become ready or the cap expires (``retry_after_s``).
 
 Each member's ``GetMetrics`` then answers its share; the decision's reason is ``variant-split``.
+
+:data:`GROWING` are the member reasons whose ``desired`` count (not the fractional need) is what it plans.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 EXACT_MAX_COMBINATIONS = 200_000  # enumerate when the product of the free ranges (all but one variant) is below this
 KEEP_WITHIN = 0.05  # keep the current mix when it covers the requirement at most 5 % above the optimal cost
+GROWING = frozenset({"scale-up", "panic", "queue", "kv-cache", "rate-limited", "max-replicas"})
+
+
+def planned_need(reason: str, need: float) -> float | None:
+    """What a member's decision contributes: its fractional ``need``, or None (its desired count) while growing."""
+    return None if reason in GROWING or not math.isfinite(need) else need
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,7 @@ class Member:
     min_replicas: int
     max_replicas: int
     desired: int = 0
+    need: float | None = None  # fractional need when not growing (None: count desired)
     capacity: float = 0.0
     ready: int = 0
     share: int | None = None
@@ -141,17 +155,21 @@ class VariantGroup:
 
     unavailable_after_s: float
     retry_after_s: float
+    stable_window_s: float = 0.0  # the requirement is held at its largest value over this window
     members: dict[str, Member] = field(default_factory=dict)
     last: Split | None = None
+    _history: deque[tuple[float, float]] = field(default_factory=deque)
 
     def update(self, name: str, now: float, *, cost_per_hour: float, min_replicas: int, max_replicas: int,
-               desired: int, capacity: float, ready: int) -> Split:  # fmt: skip
-        """Record member ``name``'s latest own decision and re-split the group."""
+               desired: int, capacity: float, ready: int, need: float | None = None) -> Split:  # fmt: skip
+        """Record member ``name``'s latest own decision and re-split the group. ``need``: the member's fractional
+        need when it is not growing (None: its ``desired`` count is what it plans)."""
         m = self.members.get(name)
         if m is None:
             m = self.members[name] = Member(name, cost_per_hour, min_replicas, max_replicas)
         m.cost_per_hour, m.min_replicas, m.max_replicas = cost_per_hour, min_replicas, max_replicas
         m.desired, m.capacity, m.ready = desired, capacity, ready
+        m.need = need if need is None or math.isfinite(need) else None
         variants = []
         for x in self.members.values():
             if x.share is not None and x.ready < x.share:
@@ -165,7 +183,13 @@ class VariantGroup:
                 hi = max(min(hi, x.ready), x.min_replicas)
             variants.append(Variant(x.name, x.cost_per_hour, x.capacity, min(x.min_replicas, hi), hi,
                                     x.share if x.share is not None else x.desired))  # fmt: skip
-        requirement = sum(x.desired * x.capacity for x in self.members.values())
+        # a member with no ready pod sees no traffic: its own floor (one replica) is not demand
+        raw = sum((x.desired if x.need is None else max(x.need, 0.0)) * x.capacity
+                  for x in self.members.values() if x.ready > 0)  # fmt: skip
+        self._history.append((now, raw))
+        while self._history and self._history[0][0] < now - self.stable_window_s:
+            self._history.popleft()
+        requirement = max(r for _, r in self._history)
         s = split(requirement, variants)
         for x in self.members.values():
             x.share = s.counts[x.name]

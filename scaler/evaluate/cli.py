@@ -69,6 +69,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--termination-grace-seconds", type=float, default=120.0, metavar="S",
                    help="the engine pods' terminationGracePeriodSeconds: requests a scaled-down replica still holds "
                         "S seconds later are killed (default 120, the committed Deployment's)")  # fmt: skip
+    p.add_argument("--variants", default=None, metavar="SPEC:COST,...",
+                   help="a mixed fleet of GPU variants (latency model or GPU shorthand such as h100, a100-40gb, "
+                        "gh200 : price per replica-hour), evaluated as one variant group against fleets of each "
+                        "variant alone and the oracle (aggregated pools)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=0,
                    help="policies run at once, each in a worker process (default 0: one per CPU core)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
@@ -112,6 +116,8 @@ def run_cli(args: argparse.Namespace) -> int:
     from scaler.evaluate.run import Evaluation
     from scaler.metadata import MetadataError
 
+    if args.variants is not None:
+        return _run_variants(args)
     try:
         ev = Evaluation(config_from_args(args))
     except (ValueError, LookupError, MetadataError, LatencyModelError, OSError) as e:
@@ -126,4 +132,37 @@ def run_cli(args: argparse.Namespace) -> int:
             "timelines": res["timelines"]}, indent=1, default=float) + "\n")  # fmt: skip
     if args.plot:
         plot(res, args.plot)
+    return 0
+
+
+def _run_variants(args: argparse.Namespace) -> int:
+    """``--variants``: a mixed fleet against single-variant fleets and the oracle (scaler/evaluate/variants.py)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from kvscale.latency import LatencyModelError
+    from scaler.evaluate.variants import VariantEvaluation, parse_variants
+    from scaler.metadata import MetadataError
+
+    try:
+        variants = parse_variants(args.variants)
+        if args.policies != ",".join(POLICIES):
+            raise ValueError("--policies does not apply with --variants (every mixed and single-variant policy runs)")
+        ev = VariantEvaluation(config_from_args(args), variants)
+    except (ValueError, LookupError, MetadataError, LatencyModelError, OSError) as e:
+        print(f"kvscale eval scaling: {e}", file=sys.stderr)
+        return 2
+    res = ev.run(progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
+    names = [v["name"] for v in res["variants"]]
+    fleet = ", ".join(f"{v['name']} ({v['cost_per_hour']:g}/h)" for v in res["variants"])
+    table = Table(title=f"variants {fleet} — {res['trace']}, {res['requests']} requests, sized on {res['sized_on']}")
+    for c in ("policy", "cost", *(f"GPU-h {n}" for n in names), "SLO attainment", "TTFT p90 (s)", "killed"):
+        table.add_column(c, justify="left" if c == "policy" else "right")
+    for name, f in res["policies"].items():
+        table.add_row(name, f"{f['cost']:.2f}", *(f"{f['gpu_hours_per_variant'][n]:.2f}" for n in names),
+                      f"{f['slo_attainment']:.1%}", f"{f['ttft_p90_s']:.3f}", str(f["requests_killed_by_scale_down"]))
+    Console(width=160).print(table)
+    print(f"wall {res['wall_s']:.0f} s", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, default=float) + "\n")
     return 0

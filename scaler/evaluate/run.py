@@ -212,25 +212,30 @@ class Evaluation:
         need = np.minimum(self._needs(pool, self.trace), self.cfg.max_replicas)  # inf (SLO unattainable): the max
         return np.maximum(1, np.ceil(need - 1e-9)).astype(np.int64)
 
-    def _cluster(self, replicas: dict[str, int]) -> Cluster:
-        kv = self.model.extra.get("kv_cache")
-        block = int(kv.get("block_size", 16)) if isinstance(kv, dict) else 16
+    def engine_config(self, model: LatencyModel) -> EngineConfig:
+        """The engine config of a replica described by ``model`` (its KV-cache size and block size)."""
         max_seqs = next(iter(self.settings.values())).max_num_seqs
-        config = EngineConfig(
+        return EngineConfig(
             scheduler=SchedulerConfig(max_num_seqs=max_seqs, max_model_len=self.max_model_len),
-            block_size=block,
-            num_gpu_blocks=self.model.num_gpu_blocks(),
+            block_size=model.block_size(),
+            num_gpu_blocks=model.num_gpu_blocks(),
             materialize_outputs=False,
         )
+
+    def _cluster(self, replicas: dict[str, int], **variants: Any) -> Cluster:
+        """A fresh cluster; ``variants``: ``Cluster``'s mixed-pool arguments (``variants``, ``variant_replicas``,
+        ``variant_configs``)."""
+        config = self.engine_config(self.model)
         grace = self.cfg.termination_grace_s
         if self.cfg.router_policy is None:  # the cluster's own least-request dispatch (the recorded figures)
-            return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, grace_s=grace)
+            return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, grace_s=grace,
+                           **variants)  # fmt: skip
         from router.evaluate.dispatch import cluster_dispatchers  # the router's policy Pipeline, as it routes live
 
         dispatchers, _, kv_events = cluster_dispatchers(self.cfg.router_policy, self.cfg.pools == "pd",
-                                                        seed=self.cfg.seed, block_size=block)  # fmt: skip
+                                                        seed=self.cfg.seed, block_size=config.block_size)  # fmt: skip
         return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, dispatcher=dispatchers,
-                       kv_events=kv_events, grace_s=grace)  # fmt: skip
+                       kv_events=kv_events, grace_s=grace, **variants)  # fmt: skip
 
     def initial(self) -> dict[str, int]:
         oracle = OracleController(self.schedules, self.cfg.oracle_bucket_s, self.cfg.startup_s)

@@ -22,8 +22,10 @@ class VirtualSource:
     pod from the endpoints). Register it before ``cluster.run`` (it adds a finish listener).
     """
 
-    def __init__(self, cluster: Cluster, pool: str, settings: ScalerSettings, max_model_len: int) -> None:
-        self.cluster, self.pool = cluster, pool
+    def __init__(self, cluster: Cluster, pool: str, settings: ScalerSettings, max_model_len: int,
+                 variant: str | None = None) -> None:  # fmt: skip
+        """``variant``: of a mixed pool, read only that variant's replicas (its own Deployment's pods)."""
+        self.cluster, self.pool, self.variant = cluster, pool, variant
         self.history = PodHistory(settings.latency_window_s)
         self._buckets = request_tokens_buckets(max_model_len)
         self._metrics: dict[int, ReplicaCounters] = {}
@@ -38,7 +40,7 @@ class VirtualSource:
         return m
 
     def _on_finish(self, r: Replica, req: Request) -> None:
-        if r.pool == self.pool:
+        if r.pool == self.pool and (self.variant is None or r.variant == self.variant):
             self._m(r.replica_id).on_finish(req)
 
     def stats(self, r: Replica, now: float) -> EngineStats:
@@ -53,7 +55,7 @@ class VirtualSource:
 
     def read(self, now: float) -> PoolSignals:
         # Engines are as of the cluster's last state sync (<= 0.2 s ago), like a scrape that takes a moment.
-        pods = self.cluster.serving_replicas(self.pool, now)
+        pods = self.cluster.serving_replicas(self.pool, now, self.variant)
         stats = {r.replica_id: self.stats(r, now) for r in pods}
         self.work = {i: s.running + s.waiting for i, s in stats.items()}
         return self.history.update(stats, now)

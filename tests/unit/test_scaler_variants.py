@@ -91,8 +91,8 @@ def test_pending_variant_is_capped_at_its_ready_pods_and_its_share_moves() -> No
         g.update("h100", t, cost_per_hour=4.0, desired=1, capacity=10.0, ready=h100_ready, **common)
         s = g.update("a100", t, cost_per_hour=1.0, desired=4, capacity=5.0, ready=1, **common)
         h100_ready = s.counts["h100"]  # h100 nodes exist: its pods become ready
-        if t < 100:
-            assert s.counts == {"h100": 0, "a100": 6}  # 30 units at the cheapest price
+        if 0 < t < 100:  # 20 units (the h100 member has no pod: its one-replica floor is not demand), cheapest
+            assert s.counts == {"h100": 0, "a100": 4}
     assert g.unavailable(300) == ["a100"]
     assert s.counts["a100"] <= 1 and s.capacity >= s.requirement  # the rest moved to the h100s
     # the cap holds until it expires (no flapping back at once), then the cheap variant is tried again
@@ -100,6 +100,21 @@ def test_pending_variant_is_capped_at_its_ready_pods_and_its_share_moves() -> No
     assert s.counts["a100"] <= 1
     assert g.update("a100", 310 + 601, cost_per_hour=1.0, desired=4, capacity=5.0, ready=1,
                     **common).counts["a100"] > 1  # retried after retry_after_s  # fmt: skip
+
+
+def test_requirement_sums_fractional_needs_and_holds_over_the_stable_window() -> None:
+    g = VariantGroup(unavailable_after_s=1e9, retry_after_s=1.0, stable_window_s=60.0)
+    kw = {"cost_per_hour": 1.0, "min_replicas": 0, "max_replicas": 10, "capacity": 10.0, "ready": 2}
+    g.update("a", 0, desired=2, need=1.2, **kw)
+    s = g.update("b", 0, desired=2, need=1.2, **{**kw, "cost_per_hour": 1.5})
+    assert s.requirement == pytest.approx(24.0)  # 2.4 replicas' worth, not 4 rounded-up ones
+    assert s.counts == {"a": 3, "b": 0}
+    s = g.update("a", 30, desired=1, need=0.2, **kw)  # demand falls: held for the stable window
+    assert s.requirement == pytest.approx(24.0)
+    s = g.update("a", 90, desired=1, need=0.2, **kw)
+    assert s.requirement == pytest.approx(14.0)
+    s = g.update("a", 95, desired=5, need=None, **kw)  # growing: its desired count is what it plans
+    assert s.requirement == pytest.approx(62.0)
 
 
 def test_requirement_is_what_the_members_planned() -> None:
