@@ -50,7 +50,7 @@ class ScalerMetrics:
         self.own_desired = g("variant_own_desired_replicas", "Variant groups: what this variant alone would ask "
                              "for (desired_replicas is its share of the group's least-cost split).")  # fmt: skip
         self.variant_req = g("variant_group_requirement", "Variant groups: the group's demand as its members "
-                             "planned it (sum of own desired x per-replica capacity).")  # fmt: skip
+                             "planned it (needs x per-replica capacity, held over the stable window).")  # fmt: skip
         self.variant_cost = g("variant_group_cost_per_hour", "Variant groups: cost per hour of the group's split.")
         self.variant_unavailable = g("variant_unavailable", "Variant groups: 1 while this variant is capped at its "
                                      "ready pods (its pods stayed pending); its share moved to others.")  # fmt: skip

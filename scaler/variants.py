@@ -16,8 +16,9 @@ then turns those decisions into one requirement and splits it across the variant
   at the least ``sum n_i x cost_i``: exact (enumeration) for small groups, else greedy (cheapest capacity per
   dollar first; its cost is at most the optimum plus the price of one replica of the dearest variant, since the
   greedy order is the optimum of the fractional problem and only its last variant is rounded up);
-* **hysteresis**: the current counts are kept while they cover ``R`` and cost at most ``KEEP_WITHIN`` more than
-  the optimum, so equal-cost mixes do not swap pods back and forth;
+* **hysteresis**: the current counts, grown by the cheapest capacity per dollar (or shrunk from the dearest) just
+  enough to cover ``R``, are kept while they cost at most ``KEEP_WITHIN`` more than the optimum, so near-equal
+  mixes do not swap pods back and forth (every swap pays a cold start for the new pods);
 * **unavailable variants**: a member whose ready pods stayed below its share for ``unavailable_after_s`` (its
   pods are pending: no node of that GPU type) is capped at its ready pods, and the rest of the requirement goes
   to the others; it is retried when its pods become ready or the cap expires (``retry_after_s``).
@@ -36,7 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 EXACT_MAX_COMBINATIONS = 200_000  # enumerate when the product of the free ranges (all but one variant) is below this
-KEEP_WITHIN = 0.05  # keep the current mix when it covers the requirement at most 5 % above the optimal cost
+KEEP_WITHIN = 0.15  # keep the (minimally changed) current mix while it costs at most 15 % above the optimum
 GROWING = frozenset({"scale-up", "panic", "queue", "kv-cache", "rate-limited", "max-replicas"})
 
 
@@ -105,6 +106,24 @@ def _greedy(vs: Sequence[Variant], need: float) -> list[int]:
     return counts
 
 
+def _incremental(vs: Sequence[Variant], need: float) -> list[int]:
+    """The current counts changed as little as possible: grown by the cheapest capacity per dollar until they cover
+    ``need``, or shrunk from the dearest per unit of capacity while they still cover it."""
+    counts = [min(max(v.current, v.min_replicas), v.max_replicas) for v in vs]
+    by_value = sorted(range(len(vs)), key=lambda i: (vs[i].cost_per_hour / vs[i].capacity, vs[i].name))
+    if _cap(vs, counts) < need:
+        for i in by_value:
+            rest = need - _cap(vs, counts)
+            if rest <= 0:
+                break
+            counts[i] = min(vs[i].max_replicas, counts[i] + math.ceil(rest / vs[i].capacity - 1e-9))
+    else:
+        for i in reversed(by_value):
+            while counts[i] > vs[i].min_replicas and _cap(vs, counts) - vs[i].capacity >= need - 1e-9:
+                counts[i] -= 1
+    return counts
+
+
 def split(requirement: float, variants: Sequence[Variant], *, exact: bool = True) -> Split:
     """Counts per variant covering ``requirement`` at the least cost (see the module docstring)."""
     if not variants:
@@ -124,9 +143,9 @@ def split(requirement: float, variants: Sequence[Variant], *, exact: bool = True
         if counts is None:
             counts = _greedy(vs, need)
         feasible = True
-        cur = [min(max(v.current, v.min_replicas), v.max_replicas) for v in vs]
-        if _cap(vs, cur) >= need and _cost(vs, cur) <= _cost(vs, counts) * (1 + KEEP_WITHIN) + 1e-9:
-            counts, method = cur, "kept"
+        inc = _incremental(vs, need)
+        if _cost(vs, inc) <= _cost(vs, counts) * (1 + KEEP_WITHIN) + 1e-9:
+            counts, method = inc, "kept"
     out = {**{v.name: n for v, n in zip(vs, counts, strict=True)}, **base}
     return Split(out, _cost(vs, counts) + _cost(dead, list(base.values())), _cap(vs, counts), requirement, method,
                  feasible)  # fmt: skip

@@ -80,7 +80,7 @@ class ReplicaView:
     waiting: int = 0
     kv_usage: float = 0.0
     synced_s: float | None = None  # when those stats were read (None: not yet)
-    variant: str = ""  # a mixed pool: the replica's variant (its latency model's spec), as a pod label names it
+    variant: str = ""  # a mixed pool: the replica's variant as its pods' label names it (its latency model's spec)
 
 
 @dataclass(slots=True)
@@ -296,14 +296,17 @@ class Cluster:
         variants: dict[str, LatencyModel] | None = None,
         variant_replicas: dict[str, int] | None = None,
         variant_configs: dict[str, EngineConfig] | None = None,
+        variant_labels: dict[str, str] | None = None,
     ) -> None:
         """``variants``: a mixed aggregated pool, variant name -> its latency model (replicas of each are scaled
         with ``set_replicas(pool, n, variant=name)``, dispatched to as one pool); ``variant_replicas``: how many of
         each are ready at the start (instead of ``replicas``); ``variant_configs``: a variant's own engine config
-        (its GPU's KV-cache size), default ``engine_config``."""
+        (its GPU's KV-cache size), default ``engine_config``; ``variant_labels``: what a router sees of a variant
+        (its view's ``variant``: the latency-model label of its pods), default the variant's name."""
         self.latency = latency
         self.variants = dict(variants or {})
         self.variant_configs = dict(variant_configs or {})
+        self.variant_labels = dict(variant_labels or {})
         self.grace_s = grace_s  # terminationGracePeriodSeconds; None: a draining replica finishes all it holds
         # Per pool, the pod-deletion-cost a controller keeps on its pods (default: unset, 0 for all)
         self.deletion_cost: dict[str, Callable[[Replica], float]] = {}
@@ -382,6 +385,7 @@ class Cluster:
         engine = EngineCore(config, model, record_events=self.kv_events)
         ready = now if ready_now else now + self.startup_s
         r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready, variant=variant)
+        r.view.variant = self.variant_labels.get(variant, variant)
         self.replicas.append(r)  # at index replica_id (ids count from 0; replicas are never removed)
         if not ready_now:
             self._push(ready, READY, r)  # also when startup_s is 0: the router backlog is flushed then

@@ -29,7 +29,6 @@ lines) when set — the benchmark reads that file.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections import deque
@@ -42,8 +41,8 @@ from kvscale.latency import DEFAULT_MODEL, LatencyModel, LatencyModelError, load
 from router.kvevents.tokens import context_token_ids, shared_tokenizer
 from router.policies.base import Outcome, Scorer, parse_config
 from router.policies.kv_events import KVEventsScorer
+from router.policies.variants import VariantModels
 
-log = logging.getLogger("kvscale.router")
 TTFT_HEADER = "x-kvscale-ttft-slo-ms"
 ITL_HEADER = "x-kvscale-itl-slo-ms"
 _STALE_S = 120.0  # a scored request never routed (no candidate left) is forgotten after this long
@@ -118,9 +117,7 @@ class SloScorer(Scorer):
     def __init__(self, config: Config, services: Any) -> None:
         super().__init__(config, services)
         self.latency: LatencyModel = load_latency_model(config.latency_model)
-        self._models: dict[str, LatencyModel] = {}  # label value -> its model (or the default when it failed)
-        for name, spec in config.variant_models.items():
-            self._models[name] = load_latency_model(spec)
+        self.variants = VariantModels(config.model_label, config.variant_models)
         extras = services.extras
         shared = extras.get("slo")
         if shared is None:
@@ -213,18 +210,7 @@ class SloScorer(Scorer):
     # -- prediction ------------------------------------------------------------------------------------------------
     def model_for(self, backend: Any) -> LatencyModel:
         """The latency model of ``backend``'s variant (its ``model_label`` label), else ``latency_model``."""
-        name = (getattr(backend, "labels", None) or {}).get(self.config.model_label)
-        if not name:
-            return self.latency
-        m = self._models.get(name)
-        if m is None:
-            try:
-                m = load_latency_model(name)
-            except LatencyModelError as e:
-                log.warning("backend label %s=%r: %s; using %s", self.config.model_label, name, e, self.latency.name)
-                m = self.latency
-            self._models[name] = m
-        return m
+        return self.variants.model(backend, self.latency) or self.latency
 
     def predict(self, prompt_tokens: int, cached: int, load: _Load, correction: float = 1.0,
                 model: LatencyModel | None = None) -> tuple[float, float]:  # fmt: skip

@@ -148,11 +148,13 @@ class _MixedOracle:
         self.bucket_s, self.startup_s = bucket_s, startup_s
         self.n = min(len(a) for a in alone.values())
         self.events = 0
-        self._cache: dict[tuple[int, int], dict[str, int]] = {}
+        self._key: tuple[int, int] | None = None
+        self._last: dict[str, int] | None = None
 
-    def _split(self, i: int) -> dict[str, int]:
+    def _split(self, i: int, current: dict[str, int] | None = None) -> dict[str, int]:
+        cur = current or {}
         vs = [Variant(v, self.costs[v], 1.0 / a[i] if a[i] > 0 and math.isfinite(a[i]) else 0.0, MIN_REPLICAS,
-                      self.top[v]) for v, a in self.alone.items()]  # fmt: skip
+                      self.top[v], cur.get(v, 0)) for v, a in self.alone.items()]  # fmt: skip
         return split(1.0 if any(a[i] > 0 for a in self.alone.values()) else 0.0, vs).counts
 
     def _covers(self, counts: dict[str, int], i: int) -> bool:
@@ -161,27 +163,24 @@ class _MixedOracle:
         return sum(n / self.alone[v][i] for v, n in counts.items() if self.alone[v][i] > 0) >= 1 - 1e-9
 
     def counts(self, now: float) -> dict[str, int]:
+        """The split for the window starting at ``now``; from the previous call's counts, changed as the live
+        group changes them (scaler.variants.split's hysteresis), so near-equal mixes do not swap pods."""
         i0 = min(int(now // self.bucket_s), self.n - 1)
         i1 = max(min(int((now + self.startup_s + TICK_S) // self.bucket_s) + 1, self.n), i0 + 1)
         key = (i0, i1)
-        if key not in self._cache:
+        if key != self._key:
             window = range(i0, i1)
-            # the cheapest of the window's own splits that covers every bucket of it; else the busiest bucket's
-            # split, grown by the cheapest replica per unit until it covers them all
-            cands = [c for c in (self._split(i) for i in window) if all(self._covers(c, j) for j in window)]
-            if cands:
-                best = min(cands, key=lambda c: sum(n * self.costs[v] for v, n in c.items()))
-            else:
-                ref = next(iter(self.alone))
-                best = dict(self._split(max(window, key=lambda j: self.alone[ref][j])))
-                while not all(self._covers(best, j) for j in window):
-                    room = [v for v in best if best[v] < self.top[v]]
-                    if not room:
-                        break
-                    v = min(room, key=lambda v: self.costs[v] * max(self.alone[v][i0:i1].max(), 1e-9))
-                    best[v] += 1
-            self._cache[key] = best
-        return self._cache[key]
+            ref = next(iter(self.alone))
+            busiest = max(window, key=lambda j: self.alone[ref][j])
+            best = dict(self._split(busiest, self._last))
+            while not all(self._covers(best, j) for j in window):  # the other buckets' request mix may need more
+                room = [v for v in best if best[v] < self.top[v]]
+                if not room:
+                    break
+                v = min(room, key=lambda v: self.costs[v] * max(float(self.alone[v][i0:i1].max()), 1e-9))
+                best[v] += 1
+            self._key, self._last = key, best
+        return self._last
 
     def target(self, v: str, now: float) -> int:
         return self.counts(now)[v]
@@ -228,7 +227,8 @@ class VariantEvaluation:
 
     def _cluster(self, init: dict[str, int]) -> Cluster:
         return self.first._cluster({POOL: 0}, variants={v.name: self.models[v.name] for v in self.variants},
-                                   variant_replicas=init, variant_configs={
+                                   variant_replicas=init, variant_labels={v.name: v.model_spec for v in self.variants},
+                                   variant_configs={
                                        v: self.first.engine_config(m) for v, m in self.models.items()})  # fmt: skip
 
     def run_mixed(self, name: str) -> tuple[ClusterResult, int]:

@@ -86,3 +86,12 @@ def test_cli_variants(tmp_path: Path, capsys) -> None:
     assert "at least two variants" in capsys.readouterr().err
     assert main(["eval", "scaling", "--variants", "h100:4,a100-40gb:1.6", "--pools", "pd"]) == 2
     assert "only aggregated pools" in capsys.readouterr().err
+
+
+def test_a_mixed_pools_replicas_carry_their_latency_model_label(evaluation: VariantEvaluation) -> None:
+    """What the router's slo scorer reads (kvscale.io/latency-model): each replica's own variant's model."""
+    c = evaluation._cluster({"h100": 1, "a100-40gb": 2})
+    assert sorted(r.view.variant for r in c.replicas) == ["llama-3-8b-a100-40gb-vllm-public"] * 2 + [
+        "llama-3-8b-h100-vllm-public"]  # fmt: skip
+    assert {r.variant: c.latency_of(r).name for r in c.replicas} == {
+        "h100": "llama-3-8b-h100-vllm-public", "a100-40gb": "llama-3-8b-a100-40gb-vllm-public"}  # fmt: skip

@@ -200,3 +200,22 @@ def test_slo_scorer_predicts_each_variant_with_its_own_latency_model() -> None:
     with pytest.raises(PluginConfigError, match=r"variant_models\.x"):
         load_registry().create("scorer", {"type": "slo", "config": {"variant_models": {"x": "nope"}}}, Services(),
                                "test")  # fmt: skip
+
+
+def test_least_request_weighs_a_mixed_pool_by_each_variants_speed() -> None:
+    """Envoy's weighted least request (weight / (active + 1)) with each backend's weight from its variant's latency
+    model: the faster variant holds about as many more requests as it is faster; unlabelled pools are unchanged."""
+    from router.policies.least_request import LeastRequestScorer
+
+    s = LeastRequestScorer(LeastRequestScorer.Config(), Services())
+    h100 = Backend("http://10.0.0.1:8000", labels={"kvscale.io/latency-model": "llama-3-8b-h100-vllm-public"})
+    a100 = Backend("http://10.0.0.2:8000", labels={"kvscale.io/latency-model": "llama-3-8b-a100-40gb-vllm-public"})
+    for _ in range(60):  # nothing finishes: each pick adds one in-flight request
+        scores = s.score(ctx(), [h100, a100])
+        max(scores, key=scores.get).in_flight += 1
+    ratio = s._weight(h100) / s._weight(a100)
+    assert 1.5 < ratio < 3.0
+    assert h100.in_flight / a100.in_flight == pytest.approx(ratio, rel=0.15)
+    plain = backends(2)
+    plain[0].in_flight = 3
+    assert s.score(ctx(), plain) == {plain[0]: 0.0, plain[1]: 1.0}  # the unweighted form
