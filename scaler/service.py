@@ -34,7 +34,7 @@ from scaler.metadata import ScalerSettings, parse_scaler_metadata
 from scaler.metrics import ScalerMetrics
 from scaler.policy import Decision, ScalingPolicy
 from scaler.signals import PageParser, PodScrapeSource, PrometheusSource, SignalError, SignalPending, SignalSource
-from scaler.variants import VariantGroup, planned_need
+from scaler.variants import VariantGroup
 
 log = logging.getLogger("kvscale.scaler")
 
@@ -317,22 +317,17 @@ class ScalerService:
         gkey = (tr.key[0], s.variant_group, s.pool)
         group = self.groups.get(gkey)
         if group is None:
-            group = self.groups[gkey] = VariantGroup(unavailable_after_s=2 * s.startup_s + 60.0,
-                                                     retry_after_s=max(600.0, 4 * s.startup_s),
-                                                     stable_window_s=s.stable_window_s)  # fmt: skip
+            group = self.groups[gkey] = VariantGroup.for_pods(s.startup_s, s.stable_window_s)
         member = group.members.get(tr.key[1])
         if not own.ok or own.desired < 0:  # a hold: keep this member's share, do not re-split on bad data
             d = own if member is None or member.share is None else replace(own, desired=member.share)
             await self._publish(tr, d)
             return d
         tr.own = own
-        cap = own.inputs.get("capacity_per_replica", 0.0)
         ready = own.inputs.get("ready_replicas", float(max(tr.current(), 0)))
         now = self.clock()
-        split = group.update(tr.key[1], now, cost_per_hour=s.cost_per_hour, min_replicas=s.min_replicas,
-                             max_replicas=s.max_replicas, desired=own.desired,
-                             capacity=cap if math.isfinite(cap) and cap > 0 else 0.0, ready=int(ready),
-                             need=planned_need(own.reason, own.need))  # fmt: skip
+        split = group.observe(tr.key[1], now, own, ready=int(ready), cost_per_hour=s.cost_per_hour,
+                              min_replicas=s.min_replicas, max_replicas=s.max_replicas)
         unavailable = set(group.unavailable(now))
         mine = own
         for name in group.members:

@@ -36,6 +36,8 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from scaler.policy import Decision
+
 EXACT_MAX_COMBINATIONS = 200_000  # enumerate when the product of the free ranges (all but one variant) is below this
 KEEP_WITHIN = 0.15  # keep the (minimally changed) current mix while it costs at most 15 % above the optimum
 GROWING = frozenset({"scale-up", "panic", "queue", "kv-cache", "rate-limited", "max-replicas"})
@@ -95,10 +97,14 @@ def _exact(vs: Sequence[Variant], need: float) -> list[int] | None:
     return None if best is None else best[3]
 
 
-def _greedy(vs: Sequence[Variant], need: float) -> list[int]:
-    counts = [v.min_replicas for v in vs]
-    order = sorted(range(len(vs)), key=lambda i: (vs[i].cost_per_hour / vs[i].capacity, vs[i].name))
-    for i in order:
+def _by_value(vs: Sequence[Variant]) -> list[int]:
+    """Indices of ``vs``, cheapest capacity per dollar first."""
+    return sorted(range(len(vs)), key=lambda i: (vs[i].cost_per_hour / vs[i].capacity, vs[i].name))
+
+
+def _grow(vs: Sequence[Variant], counts: list[int], need: float) -> list[int]:
+    """``counts`` grown by the cheapest capacity per dollar (within each maximum) until they cover ``need``."""
+    for i in _by_value(vs):
         rest = need - _cap(vs, counts)
         if rest <= 0:
             break
@@ -106,21 +112,19 @@ def _greedy(vs: Sequence[Variant], need: float) -> list[int]:
     return counts
 
 
+def _greedy(vs: Sequence[Variant], need: float) -> list[int]:
+    return _grow(vs, [v.min_replicas for v in vs], need)
+
+
 def _incremental(vs: Sequence[Variant], need: float) -> list[int]:
     """The current counts changed as little as possible: grown by the cheapest capacity per dollar until they cover
     ``need``, or shrunk from the dearest per unit of capacity while they still cover it."""
     counts = [min(max(v.current, v.min_replicas), v.max_replicas) for v in vs]
-    by_value = sorted(range(len(vs)), key=lambda i: (vs[i].cost_per_hour / vs[i].capacity, vs[i].name))
     if _cap(vs, counts) < need:
-        for i in by_value:
-            rest = need - _cap(vs, counts)
-            if rest <= 0:
-                break
-            counts[i] = min(vs[i].max_replicas, counts[i] + math.ceil(rest / vs[i].capacity - 1e-9))
-    else:
-        for i in reversed(by_value):
-            while counts[i] > vs[i].min_replicas and _cap(vs, counts) - vs[i].capacity >= need - 1e-9:
-                counts[i] -= 1
+        return _grow(vs, counts, need)
+    for i in reversed(_by_value(vs)):
+        while counts[i] > vs[i].min_replicas and _cap(vs, counts) - vs[i].capacity >= need - 1e-9:
+            counts[i] -= 1
     return counts
 
 
@@ -178,6 +182,23 @@ class VariantGroup:
     members: dict[str, Member] = field(default_factory=dict)
     last: Split | None = None
     _history: deque[tuple[float, float]] = field(default_factory=deque)
+
+    @classmethod
+    def for_pods(cls, startup_s: float, stable_window_s: float) -> VariantGroup:
+        """A group whose members' pods start in ``startup_s``: a variant short of pods for two cold starts and a
+        minute is unavailable, retried after ``max(600 s, 4 cold starts)``."""
+        return cls(unavailable_after_s=2 * startup_s + 60.0, retry_after_s=max(600.0, 4 * startup_s),
+                   stable_window_s=stable_window_s)
+
+    def observe(self, name: str, now: float, d: Decision, *, ready: int, cost_per_hour: float, min_replicas: int,
+                max_replicas: int) -> Split:  # fmt: skip
+        """:meth:`update` from member ``name``'s own good decision ``d`` (its capacity per replica and what it
+        plans, :func:`planned_need`) with ``ready`` pods."""
+        cap = d.inputs.get("capacity_per_replica", 0.0)
+        return self.update(name, now, cost_per_hour=cost_per_hour, min_replicas=min_replicas,
+                           max_replicas=max_replicas, desired=d.desired,
+                           capacity=cap if math.isfinite(cap) and cap > 0 else 0.0, ready=ready,
+                           need=planned_need(d.reason, d.need))  # fmt: skip
 
     def update(self, name: str, now: float, *, cost_per_hour: float, min_replicas: int, max_replicas: int,
                desired: int, capacity: float, ready: int, need: float | None = None) -> Split:  # fmt: skip

@@ -152,8 +152,7 @@ class Replica:
     variant: str = ""  # a mixed pool (Cluster(variants=...)): which variant, i.e. which latency model
 
     def __post_init__(self) -> None:
-        self.view = ReplicaView(self.replica_id, f"{self.pool}-{self.replica_id}", self.pool, ROLE_OF_POOL[self.pool],
-                                variant=self.variant)  # fmt: skip
+        self.view = ReplicaView(self.replica_id, f"{self.pool}-{self.replica_id}", self.pool, ROLE_OF_POOL[self.pool])
 
     def serving(self, now: float) -> bool:
         return self.deleted_s is None and not self.draining and now >= self.ready_s
@@ -385,7 +384,7 @@ class Cluster:
         engine = EngineCore(config, model, record_events=self.kv_events)
         ready = now if ready_now else now + self.startup_s
         r = Replica(next(self._ids), pool, engine, created_s=now, ready_s=ready, variant=variant)
-        r.view.variant = self.variant_labels.get(variant, variant)
+        r.view.variant = self.variant_labels.get(variant, variant)  # what a router sees: its pods' model label
         self.replicas.append(r)  # at index replica_id (ids count from 0; replicas are never removed)
         if not ready_now:
             self._push(ready, READY, r)  # also when startup_s is 0: the router backlog is flushed then

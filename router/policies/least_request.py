@@ -34,17 +34,13 @@ class LeastRequestScorer(Scorer):
 
     def __init__(self, config: Config, services) -> None:
         super().__init__(config, services)
-        self.variants = VariantModels(config.model_label)
-        self._weights: dict[str, float | None] = {}
+        self.variants = VariantModels(config.model_label)  # each model loaded once
 
     def _weight(self, b) -> float | None:
-        w = self._weights.get(b.url, 0.0)
-        if w == 0.0:
-            m = self.variants.model(b)
-            c = self.config
-            w = self._weights[b.url] = (1.0 / m.decode_step_time(c.reference_batch, c.reference_batch
-                                                                  * c.reference_context) if m else None)  # fmt: skip
-        return w
+        """1 / the decode step of ``b``'s variant model at the reference batch; None: no labelled model."""
+        m = self.variants.model(b)
+        c = self.config
+        return 1.0 / m.decode_step_time(c.reference_batch, c.reference_batch * c.reference_context) if m else None
 
     def score(self, ctx, backends):
         weights = [self._weight(b) for b in backends] if any(b.labels for b in backends) else []

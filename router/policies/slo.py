@@ -41,7 +41,7 @@ from kvscale.latency import DEFAULT_MODEL, LatencyModel, LatencyModelError, load
 from router.kvevents.tokens import context_token_ids, shared_tokenizer
 from router.policies.base import Outcome, Scorer, parse_config
 from router.policies.kv_events import KVEventsScorer
-from router.policies.variants import VariantModels
+from router.policies.variants import MODEL_LABEL, VariantModels
 
 TTFT_HEADER = "x-kvscale-ttft-slo-ms"
 ITL_HEADER = "x-kvscale-itl-slo-ms"
@@ -100,7 +100,7 @@ class SloScorer(Scorer):
         adapt: bool = True
         adapt_alpha: float = 0.1
         record_path: str | None = None  # append {request_id, backend, predicted, observed} JSON lines here
-        model_label: str = "kvscale.io/latency-model"  # backend label naming its variant's latency model
+        model_label: str = MODEL_LABEL  # backend label naming its variant's latency model
         variant_models: dict[str, str] = field(default_factory=dict)  # label value -> latency model spec
 
         def validate(self) -> None:

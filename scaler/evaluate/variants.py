@@ -30,7 +30,7 @@ from scaler.evaluate.signals import VirtualSource
 from scaler.hpa import Hpa, HpaBehavior
 from scaler.metadata import parse_scaler_metadata
 from scaler.policy import ScalingPolicy
-from scaler.variants import Variant, VariantGroup, planned_need, split
+from scaler.variants import Variant, VariantGroup, split
 from simulator.cluster import Cluster, ClusterResult
 
 POOL = "aggregated"
@@ -121,12 +121,9 @@ class _VariantHpas:
             d = prod.policy.last
             if prod.next_t == before or d is None or not d.ok or d.desired < 0:
                 continue  # no new decision, or a hold: the member keeps its share
-            ready = len(cluster.serving_replicas(POOL, now, v))
-            cap = d.inputs.get("capacity_per_replica", 0.0)
-            s = self.group.update(v, now, cost_per_hour=self.costs[v], min_replicas=MIN_REPLICAS,
-                                  max_replicas=self.max_replicas[v], desired=d.desired,
-                                  capacity=cap if math.isfinite(cap) and cap > 0 else 0.0, ready=ready,
-                                  need=planned_need(d.reason, d.need))  # fmt: skip
+            s = self.group.observe(v, now, d, ready=len(cluster.serving_replicas(POOL, now, v)),
+                                   cost_per_hour=self.costs[v], min_replicas=MIN_REPLICAS,
+                                   max_replicas=self.max_replicas[v])
             self.share.update(s.counts)
         for _, hpa, target in self.members.values():
             hpa.sync(now, target)
@@ -237,9 +234,7 @@ class VariantEvaluation:
         cluster = self._cluster(init)
         if name == "oracle-mixed":
             return cluster.run(self.trace, controller=oracle), oracle.events
-        stable = self.first.settings[POOL].stable_window_s
-        group = VariantGroup(unavailable_after_s=2 * self.cfg.startup_s + 60.0,
-                             retry_after_s=max(600.0, 4 * self.cfg.startup_s), stable_window_s=stable)  # fmt: skip
+        group = VariantGroup.for_pods(self.cfg.startup_s, self.first.settings[POOL].stable_window_s)
         members = {}
         behavior = self.first.hpa_behaviors("kvscale")[POOL] or HpaBehavior()
         controller: _VariantHpas
