@@ -27,13 +27,14 @@ from simulator.workload import WORKLOADS, TraceRequest, WorkloadSpec, build_trac
 
 
 def workload_shape(workload: str | WorkloadSpec, samples: int = 20000, seed: int = 0) -> WorkloadShape:
-    """The means of a workload (by name or spec) that the analytic forms need, from ``samples`` draws."""
+    """The means and the prompt spread of a workload (by name or spec) that the analytic forms need, from
+    ``samples`` draws."""
     spec = WORKLOADS[workload] if isinstance(workload, str) else workload
     isl, osl = spec.sample(samples, np.random.default_rng(seed))
     mean_isl = float(isl.mean())
     # Shared prefixes: each tenant's system prompt is computed once and then hit (steady state).
     cached = (spec.prefix_len // 16 * 16) / mean_isl if spec.shared_prefix else 0.0
-    return WorkloadShape(mean_isl, float(osl.mean()), min(cached, 0.99))
+    return WorkloadShape(mean_isl, float(osl.mean()), min(cached, 0.99), float(isl.var()) / mean_isl**2)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class CapacityResult:
     mean_isl: float
     mean_osl: float
     cached_fraction: float
+    isl_scv: float  # the prompts' spread: variance / mean^2
     prefill_tokens_per_s: float  # rate_rps x uncached ISL
     decode_tokens_per_s: float  # rate_rps x OSL
     probes: tuple[Probe, ...] = field(default_factory=tuple)
@@ -176,6 +178,7 @@ def capacity(
         mean_isl=shape.mean_isl,
         mean_osl=shape.mean_osl,
         cached_fraction=shape.cached_fraction,
+        isl_scv=shape.isl_scv,
         prefill_tokens_per_s=rate * new,
         decode_tokens_per_s=rate * shape.mean_osl,
         probes=tuple(sorted(probes, key=lambda p: p.rate_rps)),

@@ -253,7 +253,7 @@ def capacity_main(args: argparse.Namespace) -> int:
     roles = ["prefill", "decode", "aggregated"] if args.role == "all" else [args.role]
     table = Table(title=f"capacity of one replica — {model.name}, TTFT p{slo.percentile:g} ≤ {args.ttft_slo_ms:g} ms, "
                         f"ITL p{slo.percentile:g} ≤ {args.itl_slo_ms:g} ms")  # fmt: skip
-    for c in ("role", "workload", f"max req/s ({args.method})", "analytic (M/D/1)", "prefill tok/s", "decode tok/s"):
+    for c in ("role", "workload", f"max req/s ({args.method})", "analytic (M/G/1)", "prefill tok/s", "decode tok/s"):
         table.add_column(c, justify="right")
     results = []
     for role in roles:

@@ -17,8 +17,11 @@ from predictor.capacity import (
     aggregated_capacity_rps,
     decode_capacity,
     md1_wait_quantile,
+    mg1_wait_quantile,
     predict_prefill_ttft_s,
+    prefill_capacity_rps,
     prefill_capacity_tokens_per_s,
+    prefill_service_moments,
 )
 from predictor.capacity_sim import CapacityCache, capacity
 from predictor.dataset import DatasetError, read_requests, request_row, write_manifest, write_point
@@ -41,6 +44,27 @@ def test_md1_quantile_matches_known_limits() -> None:
     qs = np.linspace(0.0005, 0.9995, 2000)
     mean = float(np.mean([md1_wait_quantile(rho, s, q) for q in qs]))
     assert mean == pytest.approx(rho * s / (2 * (1 - rho)), rel=0.05)
+
+
+def test_mg1_keeps_the_pollaczek_khinchine_mean_and_prompt_spread_lowers_capacity() -> None:
+    rho, s, scv = 0.8, 0.1, 0.9
+    qs = np.linspace(0.0005, 0.9995, 2000)
+    mean = float(np.mean([mg1_wait_quantile(rho, s, q, scv) for q in qs]))
+    assert mean == pytest.approx(rho * s * (1 + scv) / (2 * (1 - rho)), rel=0.05)
+    # No spread: exactly the M/D/1 forms at the mean prompt.
+    assert prefill_service_moments(H100, 2048, 0.0, 0.0) == (H100.prefill_time(2048), 0.0)
+    slo = SLO(1.0, 0.05)
+    assert prefill_capacity_rps(H100, slo, 2048, 0.0, 0.0) == prefill_capacity_rps(H100, slo, 2048)
+    # Log-normal prompts of the Azure code trace's spread (variance / mean^2 = 0.93): the service moments come
+    # from the prompts: the fixed step cost narrows the spread, attention (quadratic) widens the long tail.
+    m1, cs2 = prefill_service_moments(H100, 2048, 0.0, 0.93)
+    assert H100.prefill_time(2048) < m1 and 0.6 < cs2 < 1.3
+    spread, alike = prefill_capacity_rps(H100, slo, 2048, 0.0, 0.93), prefill_capacity_rps(H100, slo, 2048)
+    assert 0 < spread < 0.95 * alike
+    assert predict_prefill_ttft_s(H100, spread, 2048, 90, 0.0, 0.93) == pytest.approx(1.0, rel=1e-3)
+    assert aggregated_capacity_rps(H100, slo, 2048, 27, isl_scv=0.93) < aggregated_capacity_rps(H100, slo, 2048, 27)
+    with pytest.raises(ValueError, match="isl_scv"):
+        prefill_service_moments(H100, 2048, 0.0, -1.0)
 
 
 def test_prefill_capacity_is_monotone_in_the_slo_and_meets_it() -> None:
