@@ -15,17 +15,17 @@ against local pods (processes).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 
 from demo.stack import PodRecord, write_pods
+from harness.procs import ManagedProcess, stop_together
 from kvscale.engine_stats import ScrapeError, scrape
 from scaler.hpa import Hpa, HpaBehavior, HpaPolicy, HpaRules
 
@@ -84,19 +84,13 @@ class _NoTarget:
 
 
 # -- pods ---------------------------------------------------------------------------------------------------------
-class PodProcess(Protocol):
-    def stop(self, timeout: float = ...) -> int | None: ...
-
-    def is_running(self) -> bool: ...
-
-
 @dataclass
 class Pod:
     name: str
     pool: str
     role: str
     url: str
-    proc: Any  # PodProcess
+    proc: ManagedProcess
     pid: int | None
     created_at: float
     ready_at: float | None = None
@@ -232,7 +226,8 @@ class LocalCluster:
         await self._stop(pod)
 
     async def _stop(self, pod: Pod) -> None:
-        await asyncio.to_thread(pod.proc.stop)
+        # bounded (drained already): an unbounded stop in a worker thread would hold asyncio.run's exit on Ctrl-C
+        await asyncio.to_thread(pod.proc.stop, 5.0)
         pod.stopped_at = self.clock()
         self.events.append({"t": pod.stopped_at, "pod": pod.name, "pool": pod.pool, "event": "stopped"})
 
@@ -251,13 +246,12 @@ class LocalCluster:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    def stop_all(self) -> None:
-        """Synchronous: stop every pod process (also on Ctrl-C, outside the event loop)."""
-        for pod in self.pods:
-            if pod.stopped_at is None:
-                with contextlib.suppress(Exception):
-                    pod.proc.stop(5.0)
-                pod.stopped_at = self.clock()
+    def stop_all(self, timeout: float = 5.0) -> None:
+        """Synchronous: stop every pod process still up, all in one ``timeout`` (also on Ctrl-C, outside the loop)."""
+        live = [pod for pod in self.pods if pod.stopped_at is None]
+        stop_together([pod.proc for pod in live], timeout)
+        for pod in live:
+            pod.stopped_at = self.clock()
 
 
 # -- KEDA ---------------------------------------------------------------------------------------------------------

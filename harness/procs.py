@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["ManagedProcess", "ProcessError", "error_lines", "free_port", "tail"]
+__all__ = ["ManagedProcess", "ProcessError", "error_lines", "free_port", "stop_together", "tail"]
 
 
 def _die_with_parent() -> None:
@@ -210,6 +210,11 @@ class ManagedProcess:
         self._signal_group(signal.SIGKILL)
         return self.popen.returncode
 
+    def terminate(self) -> None:
+        """Send SIGTERM to the process group and return at once (:func:`stop_together` waits for many)."""
+        if self.popen is not None and self.popen.poll() is None:
+            self._signal_group(signal.SIGTERM)
+
     def _signal_group(self, sig: signal.Signals) -> None:
         assert self.popen is not None
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -228,3 +233,25 @@ class ManagedProcess:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def stop_together(procs: Sequence[ManagedProcess], timeout: float = 5.0) -> None:
+    """Stop many processes in one shared time bound: SIGTERM to every group, wait until ``timeout`` s have
+    passed in all, then SIGKILL what is left (and every group's stray children).
+
+    Stopping one by one costs up to ``timeout`` per process: a stack of ten that each hold a graceful shutdown
+    would take minutes to stop on Ctrl-C.
+    """
+    for p in procs:
+        p.terminate()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        if p.popen is None:
+            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.popen is not None:
+            p._signal_group(signal.SIGKILL)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.popen.wait(timeout=5.0)
