@@ -11,6 +11,10 @@ vanish because the API server is briefly unreachable).
 A pod counts when an Endpoints controller would send it traffic (:func:`pod_ready`): phase Running, the Ready
 condition True, a pod IP, and no deletionTimestamp (a terminating pod leaves at once). The ``kubernetes`` client
 is synchronous, hence the thread; ``on_change`` is called from it.
+
+The watch also counts the matching pods the scheduler could not place (:func:`pod_unschedulable`: Pending with
+the PodScheduled condition False, reason Unschedulable: what cluster autoscalers and Karpenter act on), so the
+scaler can tell "its pods are starting" from "no node of that kind" (heterogeneous variants).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 log = logging.getLogger("kvscale.podwatch")
 
-__all__ = ["PodWatch", "pod_field", "pod_host", "pod_ready"]
+__all__ = ["PodWatch", "pod_field", "pod_host", "pod_ready", "pod_unschedulable"]
 
 Pods = dict[str, Any]  # pod name -> the pod (a V1Pod), Ready pods only
 
@@ -46,6 +50,16 @@ def pod_ready(pod: Any) -> bool:
         return False
     conditions = pod_field(pod, "status", "conditions") or []
     return any(pod_field(c, "type") == "Ready" and pod_field(c, "status") == "True" for c in conditions)
+
+
+def pod_unschedulable(pod: Any) -> bool:
+    """Pending, not being deleted, and its PodScheduled condition False with reason Unschedulable (no node fits:
+    not "scheduled and pulling its image")."""
+    if pod_field(pod, "metadata", "deletion_timestamp") is not None or pod_field(pod, "status", "phase") != "Pending":
+        return False
+    conditions = pod_field(pod, "status", "conditions") or []
+    return any(pod_field(c, "type") == "PodScheduled" and pod_field(c, "status") == "False"
+               and pod_field(c, "reason") == "Unschedulable" for c in conditions)  # fmt: skip
 
 
 def pod_host(pod: Any) -> str:
@@ -92,6 +106,7 @@ class PodWatch:
         self._api_client = api_client
         self._v1: Any = None
         self._pods: Pods | None = None
+        self._unschedulable: set[str] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._attempted = threading.Event()  # set once the first list succeeded or failed
@@ -102,6 +117,12 @@ class PodWatch:
     def pods(self) -> Pods | None:
         with self._lock:
             return None if self._pods is None else dict(self._pods)
+
+    def unschedulable(self) -> int | None:
+        """How many matching pods the scheduler could not place (:func:`pod_unschedulable`); None before the
+        first list."""
+        with self._lock:
+            return None if self._pods is None else len(self._unschedulable)
 
     def annotate(self, name: str, annotations: dict[str, str | None], timeout_s: float = 5.0) -> None:
         """Merge-patch one pod's annotations (None removes a key). Blocking: call it off the event loop. Needs
@@ -162,6 +183,10 @@ class PodWatch:
     def _apply(self, kind: str, pod: Any) -> None:
         name = pod_field(pod, "metadata", "name")
         with self._lock:
+            if kind != "DELETED" and pod_unschedulable(pod):
+                self._unschedulable.add(name)
+            else:
+                self._unschedulable.discard(name)
             pods = dict(self._pods or {})
         if kind != "DELETED" and pod_ready(pod):
             pods[name] = pod
@@ -177,6 +202,8 @@ class PodWatch:
             self.namespace, label_selector=self.selector, _request_timeout=self.list_timeout_s
         )
         self.lists += 1  # before the change is published: whoever sees it sees the count too
+        with self._lock:
+            self._unschedulable = {p.metadata.name for p in listed.items if pod_unschedulable(p)}
         self._set({p.metadata.name: p for p in listed.items if pod_ready(p)}, "list")
         self.last_error = None
         return listed.metadata.resource_version

@@ -34,6 +34,9 @@ class StaticPods:
     def urls(self) -> list[str] | None:
         return list(self._urls)
 
+    def unschedulable(self) -> int | None:
+        return None  # unknown: no pod objects
+
     def close(self) -> None:
         pass
 
@@ -107,6 +110,10 @@ class KubernetesPods:
             self._sent[name] = value
             patched += 1
         return patched
+
+    def unschedulable(self) -> int | None:
+        """The matching pods the scheduler could not place (no node fits); None before the first list."""
+        return self.watch.unschedulable()
 
     def urls(self) -> list[str] | None:
         pods = self.watch.pods()

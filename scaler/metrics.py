@@ -53,7 +53,9 @@ class ScalerMetrics:
                              "planned it (needs x per-replica capacity, held over the stable window).")  # fmt: skip
         self.variant_cost = g("variant_group_cost_per_hour", "Variant groups: cost per hour of the group's split.")
         self.variant_unavailable = g("variant_unavailable", "Variant groups: 1 while this variant is capped at its "
-                                     "ready pods (its pods stayed pending); its share moved to others.")  # fmt: skip
+                                     "ready pods (its pods pending or unschedulable); its share moved.")  # fmt: skip
+        self.unschedulable = g("variant_unschedulable_pods", "Variant groups: this variant's pods the scheduler "
+                               "could not place (Pending, PodScheduled False: Unschedulable).")  # fmt: skip
         self.variant_exact = g("variant_split_exact", "Variant groups: 1 when the split is the exact optimum (or "
                                "the kept mix), 0 when greedy or every variant is at its maximum.")  # fmt: skip
         self.errors = Counter(
@@ -84,7 +86,7 @@ class ScalerMetrics:
                         self.prefix, self.waiting, self.running, self.kv, self.capacity, self.correction,
                         self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold, self.unattainable,
                         self.active, self.own_desired, self.variant_req, self.variant_cost, self.variant_unavailable,
-                        self.variant_exact]  # fmt: skip
+                        self.unschedulable, self.variant_exact]  # fmt: skip
 
     def publish(self, labels: tuple[str, ...], d: Decision, changed: bool) -> None:
         if d.desired >= 0:
@@ -106,6 +108,7 @@ class ScalerMetrics:
                            (self.variant_req, "variant_requirement"),
                            (self.variant_cost, "variant_group_cost_per_hour"),
                            (self.variant_unavailable, "variant_unavailable"),
+                           (self.unschedulable, "unschedulable_pods"),
                            (self.variant_exact, "variant_split_exact")):  # fmt: skip
             v = inputs.get(key)
             if v is not None and not math.isnan(v):

@@ -326,8 +326,10 @@ class ScalerService:
         tr.own = own
         ready = own.inputs.get("ready_replicas", float(max(tr.current(), 0)))
         now = self.clock()
+        unschedulable = getattr(tr.discovery, "unschedulable", None)  # a discovery_factory's object may lack it
+        stuck = unschedulable() if callable(unschedulable) else None
         split = group.observe(tr.key[1], now, own, ready=int(ready), cost_per_hour=s.cost_per_hour,
-                              min_replicas=s.min_replicas, max_replicas=s.max_replicas)
+                              min_replicas=s.min_replicas, max_replicas=s.max_replicas, unschedulable=stuck)
         unavailable = set(group.unavailable(now))
         mine = own
         for name in group.members:
@@ -339,6 +341,7 @@ class ScalerService:
                 **base.inputs, "own_desired": float(base.desired), "variant_requirement": split.requirement,
                 "variant_group_cost_per_hour": split.cost_per_hour,
                 "variant_unavailable": 1.0 if name in unavailable else 0.0,
+                "unschedulable_pods": float(group.members[name].unschedulable),
                 "variant_split_exact": 1.0 if split.method in ("exact", "kept") else 0.0})  # fmt: skip
             if other is tr:
                 mine = d

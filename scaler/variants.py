@@ -19,9 +19,12 @@ then turns those decisions into one requirement and splits it across the variant
 * **hysteresis**: the current counts, grown by the cheapest capacity per dollar (or shrunk from the dearest) just
   enough to cover ``R``, are kept while they cost at most ``KEEP_WITHIN`` more than the optimum, so near-equal
   mixes do not swap pods back and forth (every swap pays a cold start for the new pods);
-* **unavailable variants**: a member whose ready pods stayed below its share for ``unavailable_after_s`` (its
-  pods are pending: no node of that GPU type) is capped at its ready pods, and the rest of the requirement goes
-  to the others; it is retried when its pods become ready or the cap expires (``retry_after_s``).
+* **unavailable variants**: a member whose ready pods stayed below its share for ``unavailable_after_s`` (two
+  cold starts and a minute: its pods never became ready) is capped at its ready pods, and the rest of the
+  requirement goes to the others; so is one short of ready pods while some of its pods are unschedulable (the
+  pod watch sees them Pending with PodScheduled False, reason Unschedulable: no node of that GPU type) for
+  ``unschedulable_after_s`` (60 s: the scheduler's retries and a node autoscaler's first reaction; a node it
+  adds later frees the cap as its pods become ready). The cap is retried when it expires (``retry_after_s``).
 
 Each member's ``GetMetrics`` then answers its share; the decision's reason is ``variant-split``.
 
@@ -169,6 +172,8 @@ class Member:
     ready: int = 0
     share: int | None = None
     short_since: float | None = None  # since when its ready pods are below its share
+    unschedulable: int = 0  # its pods the scheduler could not place (0 where unknown)
+    unschedulable_since: float | None = None  # since when it is short with unschedulable pods
     capped_until: float = -math.inf
 
 
@@ -179,6 +184,7 @@ class VariantGroup:
     unavailable_after_s: float
     retry_after_s: float
     stable_window_s: float = 0.0  # the requirement is held at its largest value over this window
+    unschedulable_after_s: float = 60.0  # short of pods with unschedulable ones this long: unavailable
     members: dict[str, Member] = field(default_factory=dict)
     last: Split | None = None
     _history: deque[tuple[float, float]] = field(default_factory=deque)
@@ -191,33 +197,42 @@ class VariantGroup:
                    stable_window_s=stable_window_s)
 
     def observe(self, name: str, now: float, d: Decision, *, ready: int, cost_per_hour: float, min_replicas: int,
-                max_replicas: int) -> Split:  # fmt: skip
+                max_replicas: int, unschedulable: int | None = None) -> Split:  # fmt: skip
         """:meth:`update` from member ``name``'s own good decision ``d`` (its capacity per replica and what it
         plans, :func:`planned_need`) with ``ready`` pods."""
         cap = d.inputs.get("capacity_per_replica", 0.0)
         return self.update(name, now, cost_per_hour=cost_per_hour, min_replicas=min_replicas,
                            max_replicas=max_replicas, desired=d.desired,
                            capacity=cap if math.isfinite(cap) and cap > 0 else 0.0, ready=ready,
-                           need=planned_need(d.reason, d.need))  # fmt: skip
+                           need=planned_need(d.reason, d.need), unschedulable=unschedulable)  # fmt: skip
 
     def update(self, name: str, now: float, *, cost_per_hour: float, min_replicas: int, max_replicas: int,
-               desired: int, capacity: float, ready: int, need: float | None = None) -> Split:  # fmt: skip
+               desired: int, capacity: float, ready: int, need: float | None = None,
+               unschedulable: int | None = None) -> Split:  # fmt: skip
         """Record member ``name``'s latest own decision and re-split the group. ``need``: the member's fractional
-        need when it is not growing (None: its ``desired`` count is what it plans)."""
+        need when it is not growing (None: its ``desired`` count is what it plans). ``unschedulable``: its pods
+        the scheduler could not place (None: unknown, e.g. static pod URLs or the virtual cluster)."""
         m = self.members.get(name)
         if m is None:
             m = self.members[name] = Member(name, cost_per_hour, min_replicas, max_replicas)
         m.cost_per_hour, m.min_replicas, m.max_replicas = cost_per_hour, min_replicas, max_replicas
         m.desired, m.capacity, m.ready = desired, capacity, ready
+        m.unschedulable = max(int(unschedulable or 0), 0)
         m.need = need if need is None or math.isfinite(need) else None
         variants = []
         for x in self.members.values():
             if x.share is not None and x.ready < x.share:
                 x.short_since = now if x.short_since is None else x.short_since
-                if now - x.short_since >= self.unavailable_after_s and now >= x.capped_until:
+                if x.unschedulable <= 0:
+                    x.unschedulable_since = None
+                elif x.unschedulable_since is None:
+                    x.unschedulable_since = now
+                since = x.unschedulable_since
+                no_node = since is not None and now - since >= self.unschedulable_after_s
+                if (no_node or now - x.short_since >= self.unavailable_after_s) and now >= x.capped_until:
                     x.capped_until = now + self.retry_after_s
             else:
-                x.short_since = None
+                x.short_since = x.unschedulable_since = None
             hi = x.max_replicas
             if now < x.capped_until:
                 hi = max(min(hi, x.ready), x.min_replicas)

@@ -138,7 +138,8 @@ async def test_list_watch_relist_and_api_outage():
     disc = KubernetesPods("llm", "app=vllm,role=decode", 8000, api_client=client.ApiClient(cfg), relist_s=2,
                           retry_s=0.2)  # fmt: skip
     try:
-        await wait_for(lambda: disc.urls() is not None)
+        # the fake server does not replay from a resourceVersion: change pods once the watch is open
+        await wait_for(lambda: disc.urls() is not None and len(api.watchers) == 1)
         assert disc.urls() == ["http://10.0.0.1:8000/metrics", "http://10.0.0.2:8000/metrics"]
         # watch events: a pod becomes ready, one is added, one deleted
         api.put(api.pod("d-2", "10.0.0.3", sel, ready=True))
@@ -187,6 +188,48 @@ async def test_an_expired_watch_relists_at_once_and_terminating_pods_leave():
         terminating["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
         api.put(terminating)
         await wait_for(lambda: disc.urls() == ["http://10.0.0.2:8000/metrics"], timeout=3)
+    finally:
+        disc.close()
+        await runner.cleanup()
+
+
+async def test_unschedulable_pods_are_counted_from_the_list_and_the_watch():
+    """Pods the scheduler could not place (Pending, PodScheduled False with reason Unschedulable: what a cluster
+    autoscaler acts on) are counted; a Pending pod that is scheduled (pulling its image) is not, and neither is a
+    pod once it runs. The variant group reads this count (no node of that GPU type)."""
+    api = FakeApiServer()
+    app = web.Application()
+    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    sel = {"app": "vllm"}
+
+    def pending(name: str, unschedulable: bool) -> dict:
+        pod = api.pod(name, "", sel)
+        pod["status"] = {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+             "message": "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."} if unschedulable else
+            {"type": "PodScheduled", "status": "True"}]}  # fmt: skip
+        return pod
+
+    api.put(api.pod("a", "10.0.0.1", sel))
+    api.put(pending("b", True))
+    api.put(pending("c", False))  # scheduled, its containers are starting
+    cfg = client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    disc = KubernetesPods("llm", "app=vllm", 8000, api_client=client.ApiClient(cfg), relist_s=8, retry_s=5)
+    try:
+        assert disc.unschedulable() is None  # not listed yet: unknown, not 0
+        await wait_for(lambda: disc.urls() is not None and len(api.watchers) == 1)
+        assert disc.unschedulable() == 1 and disc.urls() == ["http://10.0.0.1:8000/metrics"]
+        api.put(pending("d", True))  # a watch event
+        await wait_for(lambda: disc.unschedulable() == 2, timeout=3)
+        api.put(api.pod("b", "10.0.0.2", sel))  # a node came: b runs
+        await wait_for(lambda: disc.unschedulable() == 1 and len(disc.urls()) == 2, timeout=3)
+        api.delete("d")
+        await wait_for(lambda: disc.unschedulable() == 0, timeout=3)
     finally:
         disc.close()
         await runner.cleanup()

@@ -106,6 +106,24 @@ def test_pending_variant_is_capped_at_its_ready_pods_and_its_share_moves() -> No
                     **common).counts["a100"] > 1  # retried after retry_after_s  # fmt: skip
 
 
+def test_unschedulable_pods_make_a_variant_unavailable_sooner_than_slow_starting_ones() -> None:
+    """Short of ready pods: with pods the scheduler could not place it is unavailable after
+    ``unschedulable_after_s``; with scheduled pods still starting, only after ``unavailable_after_s``."""
+    common = {"min_replicas": 0, "max_replicas": 10}
+
+    def run(unschedulable: int | None) -> list[str]:
+        g = VariantGroup(unavailable_after_s=300.0, retry_after_s=600.0, unschedulable_after_s=60.0)
+        for t in range(0, 121, 10):
+            g.update("h100", t, cost_per_hour=4.0, desired=1, capacity=10.0, ready=1, **common)
+            s = g.update("a100", t, cost_per_hour=1.0, desired=4, capacity=5.0, ready=1,
+                         unschedulable=unschedulable, **common)  # fmt: skip
+        assert s.capacity >= s.requirement
+        return g.unavailable(120)
+
+    assert run(3) == ["a100"]  # no node of that type for over a minute: its share moved
+    assert run(0) == [] and run(None) == []  # starting (or unknown): still waiting for its pods
+
+
 def test_requirement_sums_fractional_needs_and_holds_over_the_stable_window() -> None:
     g = VariantGroup(unavailable_after_s=1e9, retry_after_s=1.0, stable_window_s=60.0)
     kw = {"cost_per_hour": 1.0, "min_replicas": 0, "max_replicas": 10, "capacity": 10.0, "ready": 2}
