@@ -24,7 +24,7 @@ from deploy import k8s_checks, kvscale_checks, objects, render
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-OVERLAYS = ("aggregated", "pd", "variants")
+OVERLAYS = ("aggregated", "pd", "variants", "pd-variants")
 
 
 
@@ -55,11 +55,14 @@ def test_overlays_render_the_expected_objects(rendered: dict[str, list[dict]]) -
                         ("ScaledObject", "vllm-prefill"), ("ScaledObject", "vllm-decode")},
         "variants": common | {("Deployment", "vllm-h100"), ("Deployment", "vllm-a100"),
                               ("ScaledObject", "vllm-h100"), ("ScaledObject", "vllm-a100")},
+        "pd-variants": common | {("Deployment", "vllm-prefill"), ("Deployment", "vllm-decode-h100"),
+                                 ("Deployment", "vllm-decode-a100"), ("ScaledObject", "vllm-prefill"),
+                                 ("ScaledObject", "vllm-decode-h100"), ("ScaledObject", "vllm-decode-a100")},
     }  # fmt: skip
     for name, docs in rendered.items():
         got = {(d["kind"], d["metadata"]["name"]) for d in docs}
         assert expected[name] <= got, f"{name}: missing {expected[name] - got}"
-        assert sum(d["kind"] == "ScaledObject" for d in docs) == (1 if name == "aggregated" else 2)
+        assert sum(d["kind"] == "ScaledObject" for d in docs) == {"aggregated": 1, "pd-variants": 3}.get(name, 2)
         # The latency model is generated with a content hash, and the scaler mounts that exact name.
         cms = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvscale-latency-")]
         assert len(cms) == 1
@@ -110,7 +113,7 @@ def test_scaler_accepts_every_scaledobject_trigger(rendered: dict[str, list[dict
 
     assert kvscale_checks.check_scaler_metadata(rendered[overlay], parse) == []
     pools = {"aggregated": {("aggregated", "kvscale")}, "pd": {("prefill", "kvscale"), ("decode", "kvscale")},
-             "variants": {("aggregated", "kvscale")}}
+             "variants": {("aggregated", "kvscale")}, "pd-variants": {("prefill", "kvscale"), ("decode", "kvscale")}}
     assert set(seen) == pools[overlay]
 
 
@@ -127,7 +130,7 @@ def test_latency_model_matches_the_engines(rendered: dict[str, list[dict]]) -> N
     from kvscale.latency import latency_model_from_dict
 
     for name, docs in rendered.items():
-        if name == "variants":
+        if name in ("variants", "pd-variants"):
             continue  # one model per variant: test_variants_overlay_pins_each_variant_to_its_gpu_and_model
         cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("kvscale-latency"))
         model = latency_model_from_dict(json.loads(cm["data"]["latency-model.json"]))
@@ -443,27 +446,37 @@ def test_docs_cover_secrets_and_every_metadata_key(rendered: dict[str, list[dict
         assert cmd in doc
 
 
-def test_variants_overlay_pins_each_variant_to_its_gpu_and_model(rendered: dict[str, list[dict]]) -> None:
+@pytest.mark.parametrize(("overlay", "prefix", "role"), [("variants", "vllm", "both"),
+                                                     ("pd-variants", "vllm-decode", "decode")])
+def test_variants_overlay_pins_each_variant_to_its_gpu_and_model(rendered: dict[str, list[dict]], overlay: str,
+                                                                 prefix: str, role: str) -> None:  # fmt: skip
     """Each variant's pods run on its GPU type, carry the label naming its latency model (the router reads it),
-    and its ScaledObject names the same model, its price and the shared variantGroup; the router runs ``slo``."""
+    and its ScaledObject names the same model, its price and the shared variantGroup; the aggregated router runs
+    ``slo`` (the P/D router's decode choice is ``least-request``, weighted by the same label)."""
     from kvscale.latency import load_latency_model
     from scaler.metadata import parse_scaler_metadata
 
-    docs = rendered["variants"]
+    docs = rendered[overlay]
     groups = set()
     for gpu, product in (("h100", "NVIDIA-H100-80GB-HBM3"), ("a100", "NVIDIA-A100-SXM4-40GB")):
-        dep, so = _get(docs, "Deployment", f"vllm-{gpu}"), _get(docs, "ScaledObject", f"vllm-{gpu}")
+        dep, so = _get(docs, "Deployment", f"{prefix}-{gpu}"), _get(docs, "ScaledObject", f"{prefix}-{gpu}")
         tmpl = dep["spec"]["template"]
         terms = tmpl["spec"]["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
             "nodeSelectorTerms"]  # fmt: skip
         assert [v for t in terms for e in t["matchExpressions"] for v in e["values"]] == [product]
         assert dep["spec"]["selector"]["matchLabels"]["kvscale.io/gpu"] == gpu
+        assert dep["spec"]["selector"]["matchLabels"]["kvscale.io/role"] == role
         s = parse_scaler_metadata(so["spec"]["triggers"][0]["metadata"], "kvscale")
+        assert s.pool == ("aggregated" if role == "both" else role)
         assert tmpl["metadata"]["labels"]["kvscale.io/latency-model"] == s.latency_model
         assert gpu.upper() in load_latency_model(s.latency_model).hardware.upper()
         assert s.cost_per_hour > 0 and f"kvscale.io/gpu={gpu}" in s.pod_selector
         assert (s.min_replicas, s.max_replicas) == (so["spec"]["minReplicaCount"], so["spec"]["maxReplicaCount"])
         groups.add(s.variant_group)
     assert len(groups) == 1 and groups != {""}
-    router_args = _get(docs, "Deployment", "kvscale-router")["spec"]["template"]["spec"]["containers"][0]["args"]
-    assert "--policy=slo" in router_args and "--policy=prefix" not in router_args
+    if overlay == "variants":
+        router_args = _get(docs, "Deployment", "kvscale-router")["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--policy=slo" in router_args and "--policy=prefix" not in router_args
+    else:  # the prefill pool is not in the group
+        md = _get(docs, "ScaledObject", "vllm-prefill")["spec"]["triggers"][0]["metadata"]
+        assert md["pool"] == "prefill" and "variantGroup" not in md
