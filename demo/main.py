@@ -367,10 +367,11 @@ class Stack:
         return proc
 
     def stop_all(self) -> None:
-        """Stop every process in one shared bound (SIGTERM to all, SIGKILL after 5 s), not 5 s per process."""
+        """Stop every process (pods included) in one shared bound (SIGTERM to all, SIGKILL after 5 s), not 5 s per
+        process; then the cluster records its pods' stop times (their processes have ended by then)."""
+        stop_together(list(reversed(self.procs)), 5.0)
         if self.cluster is not None:
             self.cluster.stop_all()
-        stop_together(list(reversed(self.procs)), 5.0)
 
 
 def _pod_factory(cfg: DemoConfig, stack: Stack, model_file: Path, tiny_model_dir: Path | None):

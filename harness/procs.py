@@ -199,15 +199,9 @@ class ManagedProcess:
         """Stop the process group: SIGTERM, then SIGKILL after ``timeout`` s. Returns the exit status."""
         if self.popen is None:
             return None
+        stop_together([self], timeout)
         if self.popen.poll() is None:
-            self._signal_group(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self._signal_group(signal.SIGKILL)
-                self.popen.wait(timeout=timeout)
-        # Children that outlived the leader (e.g. engine-core processes) get killed too.
-        self._signal_group(signal.SIGKILL)
+            raise subprocess.TimeoutExpired(self.cmd, timeout)  # outlived SIGKILL by ``timeout`` s
         return self.popen.returncode
 
     def terminate(self) -> None:
@@ -237,21 +231,24 @@ class ManagedProcess:
 
 def stop_together(procs: Sequence[ManagedProcess], timeout: float = 5.0) -> None:
     """Stop many processes in one shared time bound: SIGTERM to every group, wait until ``timeout`` s have
-    passed in all, then SIGKILL what is left (and every group's stray children).
+    passed in all, then SIGKILL every group (what is left, and children that outlived their leader, e.g.
+    engine-core processes) and wait up to ``timeout`` s more in all. :meth:`ManagedProcess.stop` is this for one.
 
     Stopping one by one costs up to ``timeout`` per process: a stack of ten that each hold a graceful shutdown
     would take minutes to stop on Ctrl-C.
     """
+    started = [p.popen for p in procs if p.popen is not None]
+
+    def wait_all() -> None:
+        deadline = time.monotonic() + timeout
+        for popen in started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+
     for p in procs:
         p.terminate()
-    deadline = time.monotonic() + timeout
-    for p in procs:
-        if p.popen is None:
-            continue
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+    wait_all()
     for p in procs:
         if p.popen is not None:
             p._signal_group(signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                p.popen.wait(timeout=5.0)
+    wait_all()
