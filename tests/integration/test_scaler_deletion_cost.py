@@ -60,20 +60,13 @@ async def pool(loads: dict[str, tuple[int, int]], patch: Handler | None = None
     """The fake API server (``patch``: its PATCH handler, default the merge-patch), one pod per loopback address
     of ``loads`` (running, waiting) serving its metrics page; yields (api, metrics port, a client of the API)."""
     api = FakeApiServer()
-    app = web.Application()
-    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
-    app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", patch or api.patch)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)  # open watches end at once
-    await runner.setup()
-    api_port, metrics_port = free_port(), free_port()
-    await web.TCPSite(runner, "127.0.0.1", api_port).start()
+    runner, api_client = await api.serve(patch, access_log=None, shutdown_timeout=0.5)  # open watches end at once
+    metrics_port = free_port()
     for i, ip in enumerate(loads):
         api.put(api.pod(f"vllm-{i}", ip, {"app": "vllm"}))
     pages = await serve_pages(metrics_port, loads)
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{api_port}"
     try:
-        yield api, metrics_port, client.ApiClient(cfg)
+        yield api, metrics_port, api_client
     finally:
         for r in pages:
             await r.cleanup()

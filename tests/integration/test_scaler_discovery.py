@@ -57,6 +57,20 @@ class FakeApiServer:
         for q in self.watchers:
             q.put_nowait({"type": "DELETED", "object": pod})
 
+    async def serve(self, patch: Any = None, **runner_kw: Any) -> tuple[web.AppRunner, client.ApiClient]:
+        """Serve the pods API on a free loopback port (``patch``: the PATCH handler, default :meth:`patch`);
+        returns the runner (``cleanup()`` stops it) and a ``kubernetes`` client of it."""
+        app = web.Application()
+        app.router.add_get("/api/v1/namespaces/{ns}/pods", self.handle)
+        app.router.add_patch("/api/v1/namespaces/{ns}/pods/{name}", patch or self.patch)
+        runner = web.AppRunner(app, **runner_kw)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        cfg = client.Configuration()
+        cfg.host = f"http://127.0.0.1:{port}"
+        return runner, client.ApiClient(cfg)
+
     @staticmethod
     def matches(pod: dict, ns: str, selector: str) -> bool:
         if pod["metadata"]["namespace"] != ns:
@@ -120,22 +134,14 @@ async def wait_for(cond, timeout: float = 8.0) -> None:
 
 async def test_list_watch_relist_and_api_outage():
     api = FakeApiServer()
-    app = web.Application()
-    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
+    runner, api_client = await api.serve()
     sel = {"app": "vllm", "role": "decode"}
     api.put(api.pod("d-0", "10.0.0.1", sel))
     api.put(api.pod("d-1", "10.0.0.2", sel))
     api.put(api.pod("d-2", "10.0.0.3", sel, ready=False))  # not ready: not a target
     api.put(api.pod("p-0", "10.0.1.1", {"app": "vllm", "role": "prefill"}))  # other pool
     api.put(api.pod("d-x", "10.0.2.1", sel, ns="other"))  # other namespace
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{port}"
-    disc = KubernetesPods("llm", "app=vllm,role=decode", 8000, api_client=client.ApiClient(cfg), relist_s=2,
+    disc = KubernetesPods("llm", "app=vllm,role=decode", 8000, api_client=api_client, relist_s=2,
                           retry_s=0.2)  # fmt: skip
     try:
         # the fake server does not replay from a resourceVersion: change pods once the watch is open
@@ -164,17 +170,10 @@ async def test_an_expired_watch_relists_at_once_and_terminating_pods_leave():
     """410 Gone on the watch: list again at once (not after relist_s, not counted as an error); a pod with a
     deletionTimestamp is no target even while its Ready condition is still True (as for an Endpoints controller)."""
     api = FakeApiServer()
-    app = web.Application()
-    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, api_client = await api.serve()
     sel = {"app": "vllm"}
     api.put(api.pod("a", "10.0.0.1", sel))
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{port}"
-    disc = KubernetesPods("llm", "app=vllm", 8000, api_client=client.ApiClient(cfg), relist_s=8, retry_s=5)
+    disc = KubernetesPods("llm", "app=vllm", 8000, api_client=api_client, relist_s=8, retry_s=5)
     try:
         await wait_for(lambda: disc.urls() == ["http://10.0.0.1:8000/metrics"] and len(api.watchers) == 1)
         lists = disc.lists
@@ -198,12 +197,7 @@ async def test_unschedulable_pods_are_counted_from_the_list_and_the_watch():
     autoscaler acts on) are counted; a Pending pod that is scheduled (pulling its image) is not, and neither is a
     pod once it runs. The variant group reads this count (no node of that GPU type)."""
     api = FakeApiServer()
-    app = web.Application()
-    app.router.add_get("/api/v1/namespaces/{ns}/pods", api.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, api_client = await api.serve()
     sel = {"app": "vllm"}
 
     def pending(name: str, unschedulable: bool) -> dict:
@@ -217,9 +211,7 @@ async def test_unschedulable_pods_are_counted_from_the_list_and_the_watch():
     api.put(api.pod("a", "10.0.0.1", sel))
     api.put(pending("b", True))
     api.put(pending("c", False))  # scheduled, its containers are starting
-    cfg = client.Configuration()
-    cfg.host = f"http://127.0.0.1:{port}"
-    disc = KubernetesPods("llm", "app=vllm", 8000, api_client=client.ApiClient(cfg), relist_s=8, retry_s=5)
+    disc = KubernetesPods("llm", "app=vllm", 8000, api_client=api_client, relist_s=8, retry_s=5)
     try:
         assert disc.unschedulable() is None  # not listed yet: unknown, not 0
         await wait_for(lambda: disc.urls() is not None and len(api.watchers) == 1)
