@@ -16,7 +16,6 @@ from kvscale import __version__
 
 # Top-level command -> the module that registers it.
 _PARTS = {
-    "sim": "simulator.cli",
     "demo": "demo.main",
     "profile": "predictor.cli",
     "scaler": "scaler.cli",
@@ -25,8 +24,10 @@ _PARTS = {
     "trace": "kvscale.traces.cli",
 }
 # Commands whose sub-commands come from several parts: (help, modules); each module's ``register`` receives the
-# group's subparsers (``kvscale eval scaling`` from the scaler, ``kvscale eval routing`` from the router).
+# group's subparsers (``kvscale eval scaling`` from the scaler, ``kvscale eval routing`` from the router;
+# ``kvscale sim serve`` from the simulator, ``kvscale sim run`` from the router, whose policies route it).
 _GROUPS = {
+    "sim": ("the vLLM-faithful engine simulator", ("simulator.cli", "router.evaluate.sim_run")),
     "eval": ("evaluations on the virtual-clock simulator", ("scaler.evaluate.cli", "router.evaluate.cli")),
 }
 

@@ -92,7 +92,9 @@ def _probe(
         trace = [TraceRequest(t.arrival_s, t.prompt_tokens, t.input_len, 1, t.prefix_group) for t in trace]
     pools = {"prefill": 64, "decode": 1} if role == "decode" else {"aggregated": 1}
     config = _engine_config(model, max_num_seqs, workload.max_input_len + workload.max_output_len)
-    cluster = Cluster(model, config, replicas=pools)
+    from router.evaluate.dispatch import PipelineDispatcher  # the router's default policy routes the probe
+
+    cluster = Cluster(model, config, replicas=pools, dispatcher=PipelineDispatcher("least-request"))
     # Run a grace period past the last arrival: an overloaded replica leaves requests unfinished.
     result = cluster.run(trace, until_s=duration_s * 1.25 + 5.0)
     recs = result.records[len(result.records) // 10 :]  # warm-up excluded

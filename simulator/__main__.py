@@ -1,4 +1,4 @@
-"""``python -m simulator serve|run ARGS``: ``kvscale sim`` without the other parts' command lines, for the pod
+"""``python -m simulator serve ARGS``: ``kvscale sim serve`` without the other parts' command lines, for the pod
 processes that the demo, the benchmarks and the tests start."""
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""``kvscale sim serve`` and ``kvscale sim run``: argument parsing and entry points of the two drivers."""
+"""``kvscale sim serve``: the real-time HTTP driver's arguments and entry point.
+
+``kvscale sim run`` (the virtual-clock cluster) is registered by ``router.evaluate.sim_run``: the cluster routes
+with the router's policy ``Pipeline``, which lives above the simulator.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ import json
 import logging
 import os
 import sys
-import time
-from pathlib import Path
 
 from aiohttp import web
 
@@ -119,78 +121,13 @@ def serve_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default="poisson", help="trace JSONL file, or an arrival process name "
-                   "(poisson, diurnal, step, bursty)")  # fmt: skip
-    p.add_argument("--workload", default="chat", help="chat, rag, reasoning, shared-prefix")
-    p.add_argument("--rate", type=float, default=10.0, help="mean arrivals per second")
-    p.add_argument("--duration", type=float, default=600.0, help="trace length in seconds (virtual)")
-    p.add_argument("--replicas", type=int, default=4)
-    p.add_argument("--pd", default=None, metavar="P:D", help="P/D pools instead of aggregated, e.g. 2:4")
-    p.add_argument("--dispatcher", default="least-request", choices=("round-robin", "random", "least-request"))
-    p.add_argument("--latency-model", default=DEFAULT_MODEL)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--ttft-slo-ms", type=float, default=1000.0)
-    p.add_argument("--itl-slo-ms", type=float, default=50.0)
-    p.add_argument("--json", default=None, help="write the summary as JSON here")
-
-
-def run_main(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from simulator.cluster import DISPATCHERS, Cluster
-    from simulator.workload import build_trace, load_trace
-
-    try:
-        latency = load_latency_model(args.latency_model)
-        if Path(args.trace).suffix in (".jsonl", ".json") or Path(args.trace).exists():
-            trace = load_trace(args.trace)
-        else:
-            trace = build_trace(args.trace, args.workload, args.rate, args.duration, seed=args.seed)
-        if args.pd:
-            p, d = (int(x) for x in args.pd.split(":"))
-            pools = {"prefill": p, "decode": d}
-        else:
-            pools = {"aggregated": args.replicas}
-        cluster = Cluster(
-            latency,
-            EngineConfig(num_gpu_blocks=latency.num_gpu_blocks(), materialize_outputs=False),
-            replicas=pools,
-            dispatcher={k: DISPATCHERS[args.dispatcher]() for k in pools},
-        )
-    except (ValueError, LatencyModelError, OSError) as e:
-        print(f"kvscale sim run: {e}", file=sys.stderr)
-        return 2
-    t0 = time.perf_counter()
-    result = cluster.run(trace)
-    wall = time.perf_counter() - t0
-    summary = result.summary()
-    summary["slo_attainment"] = result.slo_attainment(args.ttft_slo_ms / 1000, args.itl_slo_ms / 1000)
-    summary["wall_s"] = wall
-    summary["virtual_s"] = result.end_s
-    table = Table(title=f"kvscale sim run: {len(trace)} requests, {pools}, latency model {latency.name}")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for k, v in summary.items():
-        table.add_row(k, f"{v:.4g}")
-    Console().print(table)
-    if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2) + "\n")
-    return 0
-
-
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``kvscale sim serve`` and ``kvscale sim run``."""
-    sim = sub.add_parser("sim", help="the vLLM-faithful engine simulator")
-    add_commands(sim.add_subparsers(dest="sim_command", required=True))
+    """Add ``serve`` to ``kvscale sim`` (``sub``: the sim group's subparsers)."""
+    add_commands(sub)
 
 
 def add_commands(sim_sub: argparse._SubParsersAction) -> None:
-    """``serve`` and ``run`` (under ``kvscale sim``, or ``python -m simulator``)."""
+    """``serve`` (under ``kvscale sim``, or ``python -m simulator``)."""
     serve = sim_sub.add_parser("serve", help="serve vLLM's OpenAI API from the engine model (real time)")
     add_serve_args(serve)
     serve.set_defaults(func=serve_main)
-    run = sim_sub.add_parser("run", help="replay a trace on N replicas on a virtual clock")
-    add_run_args(run)
-    run.set_defaults(func=run_main)

@@ -10,8 +10,9 @@ What a dispatcher sees, like a real router (:class:`Dispatcher`): the request as
 (prompt token ids when the trace has them, input/output length, arrival time) and each candidate as a
 :class:`ReplicaView`: its name, pool and role, the dispatcher's own in-flight count (completions become known at
 the next state sync, every ``sync_interval_s``) and engine stats (running, waiting, KV usage) as of that sync.
-Nothing of the engine itself, so a router's policy (e.g. an adapter around ``router.policies.Pipeline``) can
-choose here as it does between real endpoints.
+Nothing of the engine itself, so a router's policy chooses here as it does between real endpoints. The simulator
+has no dispatcher of its own: the caller passes one, in practice the router's policy ``Pipeline`` through
+``router.evaluate.dispatch`` (one policy object, two drivers).
 
 Replica lifecycle: ``set_replicas(pool, n)`` starts replicas that serve after ``startup_s`` (the cold start) or
 drains surplus ones (no new requests, deleted when idle). Which ones drain is the Kubernetes ReplicaSet's choice
@@ -36,7 +37,6 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
-import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -101,36 +101,6 @@ class Dispatcher(Protocol):
     """Chooses the replica for a request among the serving replicas of one pool (never empty)."""
 
     def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView: ...
-
-
-class RoundRobin:
-    def __init__(self) -> None:
-        self._n = itertools.count()
-
-    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
-        return candidates[next(self._n) % len(candidates)]
-
-
-class RandomChoice:
-    def __init__(self, seed: int = 0) -> None:
-        self._rng = random.Random(seed)
-
-    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
-        return self._rng.choice(candidates)
-
-
-class LeastRequest:
-    """Fewest in-flight requests (router-counted), ties broken by the synced queue."""
-
-    def choose(self, req: DispatchRequest, candidates: Sequence[ReplicaView], now: float) -> ReplicaView:
-        return min(candidates, key=lambda r: (r.in_flight, r.waiting, r.replica_id))
-
-
-DISPATCHERS: dict[str, Callable[[], Dispatcher]] = {
-    "round-robin": RoundRobin,
-    "random": RandomChoice,
-    "least-request": LeastRequest,
-}
 
 
 # -- the cluster's own state ---------------------------------------------------------------------------------------
@@ -286,7 +256,7 @@ class Cluster:
         *,
         replicas: dict[str, int] | None = None,
         startup_s: float = 0.0,
-        dispatcher: Dispatcher | dict[str, Dispatcher] | None = None,
+        dispatcher: Dispatcher | dict[str, Dispatcher],
         sync_interval_s: float = 0.2,
         fast_forward: bool = True,
         backlog_wait_s: float = 3600.0,
@@ -322,11 +292,10 @@ class Cluster:
         if ("prefill" in initial) != ("decode" in initial):
             raise ValueError("P/D needs both a prefill and a decode pool")
         self.pd = "prefill" in initial
-        if isinstance(dispatcher, dict):
-            self.dispatchers = dispatcher
-        else:
-            d = dispatcher or LeastRequest()
-            self.dispatchers = {p: d for p in initial}
+        self.dispatchers = dispatcher if isinstance(dispatcher, dict) else dict.fromkeys(initial, dispatcher)
+        missing = set(initial) - set(self.dispatchers)
+        if missing:
+            raise ValueError(f"no dispatcher for pool(s) {sorted(missing)}")
         # Dispatchers that follow the engines' KV events (a router's KV-event index): observe_kv_events(now, view,
         # events) at each sync, with what each replica's engine published since the last one.
         self._kv_listeners = list({id(d): d for d in self.dispatchers.values()

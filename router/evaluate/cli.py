@@ -17,7 +17,7 @@ from kvscale.traces.cli import positive_number, resized, window_arg
 DEFAULT_POLICIES = "round-robin,random,least-request,prefix,kv-events,best"
 
 
-def _pools(text: str) -> tuple[int, int]:
+def pools_arg(text: str) -> tuple[int, int]:
     try:
         p, d = (int(x) for x in text.split(":"))
     except ValueError:
@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace-file", required=True, type=Path, help="a trace (kvscale JSONL, or --format)")
     p.add_argument("--format", default="kvscale", choices=("kvscale", "mooncake", "azure", "burstgpt"))
     p.add_argument("--replicas", type=int, default=16)
-    p.add_argument("--pools", type=_pools, metavar="P:D", help="P/D pools: P prefill and D decode replicas")
+    p.add_argument("--pools", type=pools_arg, metavar="P:D", help="P/D pools: P prefill and D decode replicas")
     p.add_argument("--latency-model", default=DEFAULT_MODEL, help="built-in name or a fitted artifact (JSON)")
     p.add_argument("--policies", default=DEFAULT_POLICIES, help="comma-separated router policies (presets or "
                    "--policy-config names)")  # fmt: skip

@@ -62,10 +62,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kvscale-hpa", default="committed", choices=("committed", "default"),
                    help="HPA behaviour of kvscale: the committed ScaledObject's (deploy/overlays) or the Kubernetes "
                         "defaults (kvscale-hpa-default always runs under the defaults)")  # fmt: skip
-    p.add_argument("--router-policy", default=None, metavar="NAME",
+    p.add_argument("--router-policy", default="least-request", metavar="NAME",
                    help="the router policy (a `kvscale router serve --policy` preset, e.g. kv-events, best, "
-                        "peer:llm-d) that dispatches on the virtual cluster; default: the cluster's own "
-                        "least-request dispatch")  # fmt: skip
+                        "peer:llm-d) that dispatches on the virtual cluster; default: least-request, the router's "
+                        "default")  # fmt: skip
     p.add_argument("--termination-grace-seconds", type=float, default=120.0, metavar="S",
                    help="the engine pods' terminationGracePeriodSeconds: requests a scaled-down replica still holds "
                         "S seconds later are killed (default 120, the committed Deployment's)")  # fmt: skip

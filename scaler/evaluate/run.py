@@ -53,9 +53,9 @@ class EvalConfig:
     requests: list[TraceRequest] | None = None
     trace_name: str = ""
     size_to_peak: bool = True
-    # The router policy (router/policies: a preset name) that dispatches on the virtual cluster; None: the
-    # cluster's own least-request dispatch
-    router_policy: str | None = None
+    # The router policy (router/policies: a preset name) that dispatches on the virtual cluster (default: the
+    # router's default, `kvscale router serve --policy least-request`)
+    router_policy: str = "least-request"
     # The engine pods' terminationGracePeriodSeconds (deploy/base/engine/deployment.yaml; a test keeps them equal):
     # what a draining replica still holds that much after its scale-down is killed
     termination_grace_s: float | None = 120.0
@@ -94,12 +94,11 @@ class Evaluation:
         if cfg.termination_grace_s is not None and not cfg.termination_grace_s >= 0:
             raise ValueError(f"--termination-grace-seconds: expected >= 0, got {cfg.termination_grace_s:g}")
         self.cfg = cfg = replace(cfg)  # a recorded trace sets its duration_s: the caller's config stays as given
-        if cfg.router_policy is not None:
-            from router.evaluate.dispatch import policy_names
+        from router.evaluate.dispatch import policy_names
 
-            if cfg.router_policy not in policy_names():
-                raise ValueError(f"--router-policy: unknown {cfg.router_policy!r}; known: "
-                                 f"{', '.join(policy_names())}")  # fmt: skip
+        if cfg.router_policy not in policy_names():
+            raise ValueError(f"--router-policy: unknown {cfg.router_policy!r}; known: "
+                             f"{', '.join(policy_names())}")  # fmt: skip
         self._committed: dict[str, HpaBehavior] = {}
         if cfg.kvscale_hpa == "committed" and {"kvscale", "kvscale-noforecast"} & set(cfg.policies):
             self._committed = {p: committed_behavior(p) for p in cfg.pool_names()}
@@ -227,9 +226,6 @@ class Evaluation:
         ``variant_configs``)."""
         config = self.engine_config(self.model)
         grace = self.cfg.termination_grace_s
-        if self.cfg.router_policy is None:  # the cluster's own least-request dispatch (the recorded figures)
-            return Cluster(self.model, config, replicas=replicas, startup_s=self.cfg.startup_s, grace_s=grace,
-                           **variants)  # fmt: skip
         from router.evaluate.dispatch import cluster_dispatchers  # the router's policy Pipeline, as it routes live
 
         dispatchers, _, kv_events = cluster_dispatchers(self.cfg.router_policy, self.cfg.pools == "pd",
@@ -459,7 +455,7 @@ class Evaluation:
             "trace": (self.cfg.trace_name or "trace file") if self.cfg.requests is not None else self.cfg.trace,
             "workload": "recorded" if self.cfg.requests is not None else self.cfg.workload,
             "rate_scale": self.scale,
-            "router_policy": self.cfg.router_policy or "cluster least-request",
+            "router_policy": self.cfg.router_policy,
             "pools": self.cfg.pools,
             "latency_model": self.model.name,
             "rate_rps": self.rate,

@@ -11,8 +11,9 @@ One trace (sized, as without ``--variants``, so that the oracle's busiest bucket
   start ahead (future knowledge) as the single-pool oracle does;
 * ``kvscale-<variant>`` and ``oracle-<variant>``: the same trace on a fleet of that variant alone.
 
-A mixed pool is dispatched to as one pool (the cluster's least-request, or ``--router-policy``: the ``slo``
-policy predicts each replica with its variant's latency model). Per policy: ``cost`` (sum over variants of
+A mixed pool is dispatched to as one pool by the router's policy (``--router-policy``, default ``least-request``,
+which weighs each replica by its variant's decode step; ``slo`` predicts each replica with its variant's latency
+model). Per policy: ``cost`` (sum over variants of
 GPU-hours x ``costPerHour``), ``gpu_hours_per_variant``, SLO attainment and the usual figures.
 """
 
@@ -279,7 +280,7 @@ class VariantEvaluation:
         out: dict[str, Any] = {
             "trace": self.cfg.trace_name or self.cfg.trace, "requests": len(self.trace), "rate_scale": self.scale,
             "duration_s": self.first.cfg.duration_s, "pools": POOL, "startup_s": self.cfg.startup_s,
-            "router_policy": self.cfg.router_policy or "cluster least-request",
+            "router_policy": self.cfg.router_policy,
             "slo": {"ttft_s": self.cfg.ttft_slo_ms / 1000, "itl_s": self.cfg.itl_slo_ms / 1000,
                     "percentile": self.cfg.slo_percentile},
             "variants": [{"name": v.name, "latency_model": self.models[v.name].name,

@@ -20,7 +20,8 @@ from rich.table import Table
 from harness.procs import ManagedProcess, free_port
 from kvscale.latency import load_latency_model
 from kvscale.loadgen import stream_completion
-from simulator.cluster import Cluster, LeastRequest
+from router.evaluate.dispatch import PipelineDispatcher
+from simulator.cluster import Cluster
 from simulator.engine import EngineConfig
 from simulator.workload import build_trace
 
@@ -93,7 +94,7 @@ def test_virtual_clock_hour_trace(record_bench):
         latency,
         EngineConfig(num_gpu_blocks=latency.num_gpu_blocks(), materialize_outputs=False),
         replicas={"aggregated": 20},
-        dispatcher=LeastRequest(),
+        dispatcher=PipelineDispatcher("least-request"),  # the router's default policy
     )
     t1 = time.perf_counter()
     res = cluster.run(trace)

@@ -1,5 +1,7 @@
 """Refactors keep the numbers: ``kvscale eval scaling`` and ``kvscale sim run`` print the same JSON as when the
-files in ``tests/data/golden/`` were recorded (commit 4b8446c, before the "One house" layout change).
+files in ``tests/data/golden/`` were recorded (first on commit 4b8446c, before the "One house" layout change; last
+re-recorded when the simulator's own dispatchers were deleted and the router's ``least-request`` became the virtual
+cluster's default, which breaks ties at random).
 
 Both commands are deterministic for a seed; only wall-clock fields (``wall_s``) differ between runs and are left
 out of the comparison, and so are figures added since the recording (keys the file lacks). Everything else must be

@@ -15,3 +15,10 @@ LAT = LatencyModel(
     kv_transfer_base_s=0.0071,
     kv_transfer_per_token_s=4.3e-5,
 )
+
+
+def least_request():
+    """The router's default policy as the virtual cluster's dispatcher (the simulator has none of its own)."""
+    from router.evaluate.dispatch import PipelineDispatcher
+
+    return PipelineDispatcher("least-request")

@@ -110,7 +110,7 @@ def test_the_router_policy_dispatches_and_changes_the_prefix_hits() -> None:
            "ttft_slo_ms": 6000.0, "itl_slo_ms": 100.0}  # fmt: skip
     own = Evaluation(EvalConfig(**cfg)).run()
     routed = Evaluation(EvalConfig(**cfg, router_policy="prefix")).run()
-    assert own["router_policy"] == "cluster least-request" and routed["router_policy"] == "prefix"
+    assert own["router_policy"] == "least-request" and routed["router_policy"] == "prefix"
     hit_own, hit_prefix = (r["policies"]["static-peak"]["prefix_hit_rate"] for r in (own, routed))
     assert 0 <= hit_own < hit_prefix <= 1, (hit_own, hit_prefix)  # the prefix-aware router finds the sharing
     with pytest.raises(ValueError, match="--router-policy: unknown 'nope'"):

@@ -7,7 +7,7 @@ import dataclasses
 import json
 
 import pytest
-from models_for_tests import LAT
+from models_for_tests import LAT, least_request
 
 from kvscale.latency import LatencyModel, LatencyModelError, latency_model_from_dict
 from simulator.cluster import Cluster
@@ -47,8 +47,8 @@ def test_engine_counts_ttft_from_the_given_arrival() -> None:
 def test_cluster_adds_the_overhead_to_ttft_without_occupying_the_engine(fast_forward: bool) -> None:
     # A long decode starts at t=0; a short request arrives at t=0.5 while it decodes.
     trace = [TraceRequest(0.0, None, 128, 400), TraceRequest(0.5, None, 64, 3)]
-    base = Cluster(LAT, fast_forward=fast_forward).run(trace)
-    over = Cluster(with_overhead(LAT, OVERHEAD), fast_forward=fast_forward).run(trace)
+    base = Cluster(LAT, fast_forward=fast_forward, dispatcher=least_request()).run(trace)
+    over = Cluster(with_overhead(LAT, OVERHEAD), fast_forward=fast_forward, dispatcher=least_request()).run(trace)
     t_base, t_over = base.array("ttft_s"), over.array("ttft_s")
     # The first request meets an idle engine: its TTFT is exactly the overhead longer.
     assert t_over[0] == pytest.approx(t_base[0] + OVERHEAD, abs=1e-12)
@@ -73,7 +73,8 @@ def test_a_draining_replica_waits_for_requests_still_in_the_api_server() -> None
             if now >= 0.01:
                 cluster.set_replicas("aggregated", 0, now)
 
-    res = Cluster(with_overhead(LAT, 0.5)).run([TraceRequest(0.005, None, 64, 4)], controller=ScaleDown())
+    cl = Cluster(with_overhead(LAT, 0.5), dispatcher=least_request())
+    res = cl.run([TraceRequest(0.005, None, 64, 4)], controller=ScaleDown())
     assert res.array("ttft_s")[0] == pytest.approx(0.5 + LAT.prefill_time(64), rel=1e-9)
     assert res.replica_seconds["aggregated"] > 0.5
 
@@ -83,7 +84,7 @@ def test_client_overhead_adds_to_ttft_and_moves_the_engine_side_arrival() -> Non
     own TTFT (what finish listeners, like vLLM's histogram, see) counts from after it."""
     m = dataclasses.replace(LAT, extra={"fit": {"ttft_overhead_s": OVERHEAD, "client_overhead_s": 0.011}})
     assert m.request_overhead_s == pytest.approx(OVERHEAD + 0.011)
-    cluster = Cluster(m)
+    cluster = Cluster(m, dispatcher=least_request())
     engine_ttft: list[float] = []
     cluster.finish_listeners.append(lambda r, req: engine_ttft.append(req.first_token_time - req.arrival_time))
     res = cluster.run([TraceRequest(1.0, None, 64, 2)])

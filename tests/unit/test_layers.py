@@ -5,9 +5,11 @@ Bottom to top: ``protos`` → ``kvscale`` (core) → ``simulator`` → ``predict
 CLIs. A package may import only the packages :data:`ALLOWED` lists for it; every import counts, also one inside a
 function or under ``TYPE_CHECKING`` (an upward import is a design fault wherever it hides). The serving parts of
 ``scaler`` and ``router`` must not import ``simulator``: only their evaluation and benchmark modules may
-(:data:`SIMULATOR_OK`); the scaling evaluation may use the router's virtual-clock dispatcher (:data:`SIDEWAYS_OK`,
-the one sideways import). No import circle between any two files. ``kvscale/cli.py`` loads each part's CLI by name
-(``importlib``), so the core's entry point is the one place that reaches up, on purpose, without an import.
+(:data:`SIMULATOR_OK`); the scaling evaluation and the predictor's simulated capacity may use the router's
+virtual-clock dispatcher (:data:`SIDEWAYS_OK`: the simulator has no dispatcher of its own, so whatever runs the
+virtual cluster routes with the router's policies). No import circle between any two files. ``kvscale/cli.py``
+loads each part's CLI by name (``importlib``), so the core's entry point is the one place that reaches up, on
+purpose, without an import.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ ALLOWED: dict[str, set[str]] = {
 }
 # Within scaler/ and router/, the files that may import the simulator (evaluation on the virtual clock).
 SIMULATOR_OK = ("scaler/evaluate/", "router/evaluate/")
-# The one sideways import: the scaling evaluation dispatches on its virtual cluster with the router's policies
-# (``eval scaling --router-policy``), through the router's own virtual-clock adapter and nothing else of it.
-SIDEWAYS_OK = {"scaler/evaluate/": "router.evaluate.dispatch"}
+# The imports across: the virtual cluster has no dispatcher of its own, so the scaling evaluation (``eval scaling
+# --router-policy``) and the predictor's capacity probes (``predictor/capacity_sim.py``: the router's default
+# least-request feeds the probe's pool) route with the router's policies, through the router's own virtual-clock
+# adapter and nothing else of it.
+SIDEWAYS_OK = {"scaler/evaluate/": "router.evaluate.dispatch", "predictor/capacity_sim.py": "router.evaluate.dispatch"}
 
 
 def _module_name(path: Path) -> str:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from models_for_tests import LAT
+from models_for_tests import LAT, least_request
 
 from scaler.evaluate.run import EvalConfig, Evaluation
 from simulator.cluster import Cluster, Replica, deletion_order
@@ -35,7 +35,7 @@ def replica(cl: Cluster, rid: int) -> Replica:
 
 
 def test_deletion_order_follows_the_replicaset_rule() -> None:
-    cl = Cluster(LAT, replicas={"aggregated": 3}, startup_s=10.0)
+    cl = Cluster(LAT, replicas={"aggregated": 3}, startup_s=10.0, dispatcher=least_request())
     cl.set_replicas("aggregated", 4, now=100.0)  # replica 3 starts at 100 s, ready at 110 s
     live = cl.pool_replicas("aggregated")
     # starting (not ready) first
@@ -49,7 +49,7 @@ def test_deletion_order_follows_the_replicaset_rule() -> None:
 
 
 def test_equal_log_rank_ties_are_pseudo_random_not_by_id() -> None:
-    cl = Cluster(LAT, replicas={"aggregated": 8})
+    cl = Cluster(LAT, replicas={"aggregated": 8}, dispatcher=least_request())
     order = [r.replica_id for r in deletion_order(cl.pool_replicas("aggregated"), 50.0)]
     assert sorted(order) == list(range(8)) and order != list(range(8)) and order != list(range(8))[::-1]
 
@@ -61,7 +61,7 @@ def long_requests(n: int, output_len: int = 2000) -> list[TraceRequest]:
 def test_grace_period_kills_what_a_drained_replica_still_holds() -> None:
     trace = long_requests(8)
     # 2 replicas, scaled to 1 at 1 s; ~2000 decode steps take far longer than the 2 s grace period
-    cl = Cluster(LAT, replicas={"aggregated": 2}, grace_s=2.0)
+    cl = Cluster(LAT, replicas={"aggregated": 2}, grace_s=2.0, dispatcher=least_request())
     res = cl.run(trace, controller=Schedule([(1.0, 1)]))
     killed = [r for r in res.records if r.killed]
     assert 0 < len(killed) < len(trace)
@@ -69,7 +69,8 @@ def test_grace_period_kills_what_a_drained_replica_still_holds() -> None:
     victim = next(r for r in cl.replicas if r.killed)
     assert victim.deleted_s is not None and abs(victim.deleted_s - 3.0) < 0.6  # drained at ~1 s + 2 s grace
     # without a grace limit the same scale-down finishes everything
-    res2 = Cluster(LAT, replicas={"aggregated": 2}).run(trace, controller=Schedule([(1.0, 1)]))
+    cl2 = Cluster(LAT, replicas={"aggregated": 2}, dispatcher=least_request())
+    res2 = cl2.run(trace, controller=Schedule([(1.0, 1)]))
     assert not any(r.killed for r in res2.records) and not np.isnan(res2.array("e2e_s")).any()
 
 

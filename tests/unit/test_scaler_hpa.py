@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from models_for_tests import least_request
 
 from kvscale.latency import load_latency_model
 from scaler.evaluate.controllers import OracleController
@@ -24,7 +25,8 @@ from simulator.scheduler import SchedulerConfig
 def cluster(n: int) -> Cluster:
     cfg = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=8, max_model_len=512), num_gpu_blocks=256,
                        materialize_outputs=False)  # fmt: skip
-    return Cluster(load_latency_model("llama-3.1-8b-h100"), cfg, replicas={"aggregated": n}, startup_s=0.0)
+    return Cluster(load_latency_model("llama-3.1-8b-h100"), cfg, replicas={"aggregated": n}, startup_s=0.0,
+                   dispatcher=least_request())
 
 
 def drive(hpa: Hpa, c: Cluster, values: list[float], sync_s: float = 15.0) -> list[int]:

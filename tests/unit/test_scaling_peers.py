@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from models_for_tests import least_request
 
 from kvscale.latency import load_latency_model
 from scaler.evaluate import PEER_POLICIES
@@ -18,7 +19,7 @@ MODEL = load_latency_model("llama-3.1-8b-h100")
 
 
 def cluster_with(n: int) -> Cluster:
-    return Cluster(MODEL, replicas={"aggregated": n})
+    return Cluster(MODEL, replicas={"aggregated": n}, dispatcher=least_request())
 
 
 def set_load(cl: Cluster, loads: list[tuple[float, int]]) -> None:
@@ -84,7 +85,7 @@ def test_profile_best_decode_throughput_meets_the_itl_target() -> None:
 
 
 def test_dynamo_planner_asks_for_more_when_the_load_doubles() -> None:
-    cl = Cluster(MODEL, replicas={"aggregated": 1})
+    cl = Cluster(MODEL, replicas={"aggregated": 1}, dispatcher=least_request())
     arrivals = np.sort(np.concatenate([np.linspace(0, 180, 9000, endpoint=False),
                                        np.linspace(180, 360, 18000, endpoint=False)]))  # fmt: skip
     fe = P.FrontendStats(cl, arrivals, ("aggregated",))
