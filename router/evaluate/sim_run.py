@@ -46,6 +46,7 @@ def run_main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from router.evaluate.dispatch import cluster_dispatchers
+    from router.evaluate.run import figures
     from simulator.cluster import Cluster
     from simulator.engine import EngineConfig
     from simulator.workload import build_trace, load_trace
@@ -71,6 +72,7 @@ def run_main(args: argparse.Namespace) -> int:
     wall = time.perf_counter() - t0
     summary = result.summary()
     summary["slo_attainment"] = result.slo_attainment(args.ttft_slo_ms / 1000, args.itl_slo_ms / 1000)
+    summary["prefix_hit_rate"] = figures(result)["prefix_hit_rate"]  # prompt tokens served from cache
     summary["wall_s"] = wall
     summary["virtual_s"] = result.end_s
     table = Table(title=f"kvscale sim run: {len(trace)} requests, {pools}, policy {args.policy}, "

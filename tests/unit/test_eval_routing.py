@@ -99,3 +99,21 @@ def test_plugins_that_count_open_work_see_every_request_finish(trace):
             picker = d.pipeline.picker  # Dynamo's KV router is a picker (its cost is the whole decision)
             actives = [picker.active(f"http://aggregated-{i}") for i in range(4)]
             assert any(a is not None for a in actives) and all(len(a) == 0 for a in actives if a is not None)
+
+
+def test_sim_run_routes_with_a_router_policy_and_refuses_unknown_ones(tmp_path, capsys):
+    """``kvscale sim run --policy`` runs the router's pipeline (here ``prefix`` on a shared-prefix workload finds more
+    cache hits than ``round-robin``); an unknown policy or a bad P:D is a clear error, exit 2."""
+    hits = {}
+    for policy in ("round-robin", "prefix"):
+        out = tmp_path / f"{policy}.json"
+        argv = ["sim", "run", "--trace", "poisson", "--workload", "shared-prefix", "--rate", "8", "--duration", "60",
+                "--replicas", "3", "--policy", policy, "--json", str(out)]  # fmt: skip
+        assert main(argv) == 0
+        hits[policy] = json.loads(out.read_text())["prefix_hit_rate"]
+    assert hits["prefix"] > hits["round-robin"] + 0.01, hits  # 0.92 vs 0.90 when written
+    assert main(["sim", "run", "--duration", "5", "--policy", "nope"]) == 2
+    assert "unknown router policy 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["sim", "run", "--pd", "0:2"])
+    assert e.value.code == 2 and "P and D must be >= 1" in capsys.readouterr().err
