@@ -60,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per configuration")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--policies", default=None,
-                   help="comma list (kvscale policy names, vllm-router:NAME, pd:P:D); default: all for the workload")
+                   help="comma list (kvscale policy names, vllm-router:NAME, sglang-router:NAME, pd:P:D); "
+                        "default: all for the workload")  # fmt: skip
     p.add_argument("--slowdown", type=float, default=5.0, help="multiply the latency model's step times")
     p.add_argument("--latency-model", default="llama-3.1-8b-h100",
                    help="the slo scorer's model (a built-in name or a fitted artifact; with vllm-cpu pass the pods' "

@@ -1,10 +1,11 @@
 """``kvscale bench routing``: simulator pods (real-time HTTP, KV events) behind each router configuration in turn.
 
 For every configuration the benchmark starts fresh pods (cold caches, fresh counters), starts the router (the
-kvscale router app in its own process, or the ``vllm-router`` binary), replays the same open-loop workload through
-it with a streaming client, reads the pods' prefix-cache counters, and stops everything. Reported per policy:
-TTFT p50/p90/p99, ITL p50/p90, throughput, prefix hit rate (pods' ``vllm:prefix_cache_hits / queries``), errors;
-plus per-workload extras (short-request TTFT for mixed-length, SLO prediction error for ``slo``).
+kvscale router app in its own process, or the ``vllm-router`` or ``sglang-router`` binary), replays the same
+open-loop workload through it with a streaming client, reads the pods' prefix-cache counters, and stops
+everything. Reported per policy: TTFT p50/p90/p99, ITL p50/p90, throughput, prefix hit rate (pods'
+``vllm:prefix_cache_hits / queries``), errors; plus per-workload extras (short-request TTFT for mixed-length,
+SLO prediction error for ``slo``).
 
 The pods run a latency model slow enough that a few pods saturate at a request rate this machine can drive:
 the built-in ``llama-3.1-8b-h100`` step-time coefficients multiplied by ``--slowdown`` (default 5).
@@ -41,6 +42,10 @@ KVSCALE_POLICIES = ("round-robin", "least-request", "prefix", "kv-events", "slo"
 VLLM_ROUTER_POLICIES = ("round_robin", "cache_aware", "kv_aware")
 EXTRA_POLICIES = {"mixed-length": ("length-buckets", "best+buckets"), "multi-turn": ("session-affinity",)}
 VLLM_ROUTER_BIN = Path(sys.executable).with_name("vllm-router")
+# The SGLang gateway (PyPI sglang-router, Rust), run with its own defaults (cache_threshold, balance thresholds,
+# eviction interval): the process form of peer:sglang-cache-aware
+SGLANG_ROUTER_POLICIES = ("round_robin", "cache_aware")
+SGLANG_ROUTER_BIN = Path(sys.executable).with_name("sglang-router")
 
 # The combination the benchmark chose (see docs/routing.md), registered as the router's ``best`` preset; the
 # benchmark redefines it with its scaled latency model.
@@ -89,6 +94,7 @@ class Sample:
 def default_policies(workload: str, pd: str | None) -> list[str]:
     names = list(KVSCALE_POLICIES) + list(EXTRA_POLICIES.get(workload, ()))
     names += [f"vllm-router:{p}" for p in VLLM_ROUTER_POLICIES]
+    names += [f"sglang-router:{p}" for p in SGLANG_ROUTER_POLICIES]
     if pd:
         names.append(f"pd:{pd}")
     return names
@@ -192,7 +198,24 @@ def _start_vllm_router(policy: str, pods: list[Pod], logs: Path, *, block_size: 
             if p.replay_endpoint:
                 cmd += ["--kv-event-replay-source", f"{p.url}={p.replay_endpoint}"]
         cmd += ["--kv-event-block-size", str(block_size), "--kv-event-model", MODEL]
-    proc = ManagedProcess(cmd, log_path=logs / f"vllm-router-{policy}.log", name="vllm-router")
+    return _start_peer_router(cmd, "vllm-router", policy, port, logs)
+
+
+def _start_sglang_router(policy: str, pods: list[Pod], logs: Path) -> tuple[ManagedProcess, str]:
+    """``sglang-router launch`` in front of the pods; queue and concurrency limits lifted as for vllm-router (the
+    benchmark's open-loop load must reach the pods, not the gateway's admission queue), retries off."""
+    if not SGLANG_ROUTER_BIN.exists():
+        raise ProcessError(f"sglang-router binary not found at {SGLANG_ROUTER_BIN}")
+    port = free_port()
+    cmd = [str(SGLANG_ROUTER_BIN), "launch", "--host", "127.0.0.1", "--port", str(port), "--policy", policy,
+           "--worker-urls", *[p.url for p in pods], "--prometheus-port", str(free_port()),
+           "--worker-startup-check-interval", "1", "--max-concurrent-requests", "100000", "--queue-size", "100000",
+           "--log-level", os.environ.get("KVSCALE_SGLANG_ROUTER_LOG", "warn"), "--disable-retries"]  # fmt: skip
+    return _start_peer_router(cmd, "sglang-router", policy, port, logs)
+
+
+def _start_peer_router(cmd: list[str], kind: str, policy: str, port: int, logs: Path) -> tuple[ManagedProcess, str]:
+    proc = ManagedProcess(cmd, log_path=logs / f"{kind}-{policy}.log", name=kind)
     proc.start()
     url = f"http://127.0.0.1:{port}"
     proc.wait_http_ready(url + "/health", timeout=60, interval=0.3)
@@ -323,6 +346,8 @@ def _route_and_drive(name: str, cfg: BenchConfig, requests: list[BenchRequest], 
     try:
         if name.startswith("vllm-router:"):
             router, url = _start_vllm_router(name.split(":", 1)[1], pods, logs, block_size=_block_size(cfg))
+        elif name.startswith("sglang-router:"):
+            router, url = _start_sglang_router(name.split(":", 1)[1], pods, logs)
         else:
             policy = "kv-events" if name.startswith("pd:") else name
             router, url = _start_kvscale_router(policy, pods, labels, policy_file, logs)

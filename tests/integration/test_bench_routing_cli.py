@@ -1,5 +1,6 @@
 """``kvscale bench routing`` end to end at a toy size (the figures come from ``make bench``): real simulator pods in
-their own processes, the kvscale router and the vllm-router binary in front, the JSON shape the issue names."""
+their own processes, the kvscale router and the vllm-router and sglang-router binaries in front, the JSON shape the
+issue names."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def bench(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 def test_bench_routing_writes_every_policy(tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     proc = bench("--backends", "2", "--rate", "4", "--duration", "2", "--json", str(out),
-                 "--policies", "round-robin,best,vllm-router:round_robin", "--repeat", "2")  # fmt: skip
+                 "--policies", "round-robin,best,vllm-router:round_robin,sglang-router:cache_aware",
+                 "--repeat", "2")  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(out.read_text())
     assert result["workload"] == "shared-prefix" and result["rate"] == 4.0
-    assert set(result["policies"]) == {"round-robin", "best", "vllm-router:round_robin"}
+    assert set(result["policies"]) == {"round-robin", "best", "vllm-router:round_robin", "sglang-router:cache_aware"}
     for name, r in result["policies"].items():
         assert set(r) >= KEYS, (name, r)
         assert r["requests"] > 0 and r["errors"] == 0, (name, r)
