@@ -28,7 +28,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from bench.workloads import MODEL, BenchRequest, Scale, build, from_trace
+from bench.workloads import MODEL, BenchRequest, Scale, as_text_prompts, build, from_trace
 from harness.procs import ManagedProcess, ProcessError, free_port
 from harness.simpods import Pod, sim_pod_process
 from kvscale.engine_stats import ScrapeError, scrape
@@ -348,6 +348,9 @@ def _route_and_drive(name: str, cfg: BenchConfig, requests: list[BenchRequest], 
             router, url = _start_vllm_router(name.split(":", 1)[1], pods, logs, block_size=_block_size(cfg))
         elif name.startswith("sglang-router:"):
             router, url = _start_sglang_router(name.split(":", 1)[1], pods, logs)
+            # sglang-router 0.3.2 takes text prompts only (token ids: 400 "data did not match any variant of
+            # untagged enum StringOrArray"); a recorded trace's id prompts go to it as text
+            requests = as_text_prompts(requests)
         else:
             policy = "kv-events" if name.startswith("pd:") else name
             router, url = _start_kvscale_router(policy, pods, labels, policy_file, logs)

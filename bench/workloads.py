@@ -16,7 +16,7 @@ prompts (the routers compared here hash text, not token ids).
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -102,6 +102,19 @@ def build(name: str, *, backends: int, rate: float, duration: float, seed: int =
             s["messages"].append({"role": "assistant", "content": _words(rng, 32)})
             s["turns"] += 1
             s["next_at"] = t + rng.expovariate(0.5)
+    return out
+
+
+def as_text_prompts(requests: list[BenchRequest]) -> list[BenchRequest]:
+    """The requests with each token-id prompt sent as text, one word per id (the router's rendering of an id
+    prompt): for a gateway that takes only text. With the simulator's tokenizer each word is one token, so lengths
+    and prefix sharing stay as the trace records them (the ids differ)."""
+    out = []
+    for r in requests:
+        ids = r.body.get("prompt")
+        if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
+            r = replace(r, body={**r.body, "prompt": " ".join(map(str, ids))})
+        out.append(r)
     return out
 
 
