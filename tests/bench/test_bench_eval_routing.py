@@ -66,11 +66,14 @@ def test_routing_on_mooncake_and_azure(record_bench, tmp_path) -> None:
 
 @pytest.mark.timeout(3600)
 def test_virtual_driver_matches_real_time_pods(record_bench, tmp_path) -> None:
-    """4 simulator pods behind `kvscale router serve` vs the virtual cluster, same trace slice and engine."""
+    """4 simulator pods behind `kvscale router serve` (and the real SGLang gateway) vs the virtual cluster (our
+    policy objects, and our implementation of SGLang's cache_aware), same trace slice and engine."""
     # minutes 14-16 of the trace (its most shared stretch: 0.51 infinite-cache reuse, 0.23 after thinning), thinned
     # to a quarter so that 4 pods (not 16) carry it
     trace = rate_scale(window(import_trace("mooncake", DATA / "mooncake-fast25-synthetic.jsonl"), 840, 960), 0.25)
-    policies = ["round-robin", "kv-events"]
+    virtual_of = {"round-robin": "round-robin", "kv-events": "kv-events",
+                  "sglang-router:cache_aware": "peer:sglang-cache-aware"}  # live name -> the virtual policy
+    policies = list(virtual_of)
     blocks, mnbt, ctx = 25720, 2048, 131072
     cfg = BenchConfig(backends=4, policies=policies, slowdown=1.0, num_gpu_blocks=blocks, max_num_batched_tokens=mnbt,
                       trace=trace, max_model_len=ctx)  # fmt: skip
@@ -81,7 +84,7 @@ def test_virtual_driver_matches_real_time_pods(record_bench, tmp_path) -> None:
     setup = RoutingSetup(lat, replicas=4, engine=engine)
     rows = {}
     for p in policies:
-        v, r = run_policy(trace, p, setup), real["policies"][p]
+        v, r = run_policy(trace, virtual_of[p], setup), real["policies"][p]
         rows[p] = {"requests": len(trace), "real_ttft_p90_s": r.get("ttft_p90_s"),
                    "virtual_ttft_p90_s": v["ttft_p90_s"],
                    "real_hit_rate": r.get("prefix_hit_rate"), "virtual_hit_rate": v["prefix_hit_rate"],
