@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from kvscale.traces.format import TraceRequest
+from router.context import all_ints, render_token_ids
 from simulator.workload import completion_body, poisson
 
 WORKLOADS = ("shared-prefix", "multi-turn", "mixed-length", "prefill-heavy")
@@ -112,8 +113,8 @@ def as_text_prompts(requests: list[BenchRequest]) -> list[BenchRequest]:
     out = []
     for r in requests:
         ids = r.body.get("prompt")
-        if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
-            r = replace(r, body={**r.body, "prompt": " ".join(map(str, ids))})
+        if isinstance(ids, list) and ids and all_ints(ids):
+            r = replace(r, body={**r.body, "prompt": render_token_ids(ids)})
         out.append(r)
     return out
 

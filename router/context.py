@@ -16,7 +16,7 @@ import xxhash
 from kvscale.hashing import text_block_hashes
 from router.errors import ApiError
 
-__all__ = ["RequestContext", "all_ints", "render_messages", "validate_body"]
+__all__ = ["RequestContext", "all_ints", "render_messages", "render_token_ids", "validate_body"]
 
 
 def _content_text(content: Any) -> str:
@@ -39,14 +39,19 @@ def render_messages(messages: list[Mapping[str, Any]]) -> str:
     return "".join(f"<|{m.get('role', '')}|>\n{_content_text(m.get('content'))}\n" for m in messages)
 
 
+def render_token_ids(ids: list[int]) -> str:
+    """The router's text of a token-id prompt: one word per id (what text-matching scorers hash)."""
+    return " ".join(map(str, ids))
+
+
 def _render_prompt(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     if prompt and all(isinstance(p, str) for p in prompt):
         return "\n".join(prompt)
-    if prompt and all(isinstance(p, int) for p in prompt):
-        return " ".join(map(str, prompt))
-    return "\n".join(" ".join(map(str, p)) for p in prompt)
+    if prompt and all_ints(prompt):
+        return render_token_ids(prompt)
+    return "\n".join(render_token_ids(p) for p in prompt)
 
 
 def _is_int(v: Any) -> bool:

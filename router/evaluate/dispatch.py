@@ -32,7 +32,7 @@ from typing import Any
 from kvscale.engine_stats import EngineStats
 from kvscale.kv_events import KVEvent
 from router.backends import Backend
-from router.context import RequestContext
+from router.context import RequestContext, render_token_ids
 from router.pd import pd_kv_scorer, rank_prefill
 from router.policies import Outcome, Pipeline, Services, build_pipeline, load_registry
 from router.prefix_index import PrefixIndex
@@ -55,7 +55,7 @@ class _IdPromptContext(RequestContext):
     def prompt(self) -> str:  # type: ignore[override]
         text = self.__dict__.get("_text")
         if text is None:
-            text = self.__dict__["_text"] = " ".join(map(str, self.body["prompt"]))
+            text = self.__dict__["_text"] = render_token_ids(self.body["prompt"])
         return text
 
     @prompt.setter
