@@ -65,8 +65,10 @@ async def test_variant_group_splits_at_least_cost(tmp_path: Path) -> None:
         assert stats.ok > 50 and stats.failed == 0
     checked = filled = 0
     for _shares, text in snapshots:
-        if "kvscale_scaler_variant_group_requirement{" not in text:
-            continue
+        if "kvscale_scaler_variant_group_requirement{" not in text or not all(
+                re.search(rf'^kvscale_scaler_capacity_per_replica{{[^}}]*scaledobject="{n}"', text, flags=re.M)
+                for n in refs):
+            continue  # before every member's first decision (the group's requirement comes with the first one)
         req = gauge(text, "kvscale_scaler_variant_group_requirement", "fast")
         cap = {n: gauge(text, "kvscale_scaler_capacity_per_replica", n) for n in refs}
         desired = {n: int(gauge(text, "kvscale_scaler_desired_replicas", n)) for n in refs}
