@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 from kvscale.labels import label_value_ok, parse_selector
 from kvscale.latency import LatencyModel, LatencyModelError, builtin_models, load_latency_model
+from scaler.schedule import FloorWindow, parse_schedule_floors
 
 POOLS = ("prefill", "decode", "aggregated")
 SOURCES = ("pods", "prometheus")
@@ -216,10 +217,18 @@ def _latency_model(k: MetadataKey, text: str, ctx: _Context) -> str:
     return v
 
 
+def _schedule(k: MetadataKey, text: str, ctx: _Context) -> tuple[FloorWindow, ...]:
+    """Scheduled floor windows (:mod:`scaler.schedule`), or none."""
+    try:
+        return parse_schedule_floors(text)
+    except ValueError as e:
+        raise MetadataError(k.name, str(e)) from None
+
+
 KINDS: dict[str, Callable[[MetadataKey, str, _Context], Any]] = {
     "choice": _choice, "str": _str, "number": _number, "int": _int, "bool": _bool, "url": _url, "urls": _urls,
     "selector": _selector, "namespace": _namespace, "path": _path, "promql": _promql, "label": _label,
-    "latency-model": _latency_model,
+    "latency-model": _latency_model, "schedule": _schedule,
 }  # fmt: skip
 
 
@@ -317,6 +326,10 @@ class ScalerSettings:
     min_replicas: int = key("minReplicas", "int", "0",
                             "variant groups: fewest replicas of this variant (set it to minReplicaCount)",
                             lo=0, hi=100_000)  # fmt: skip
+    schedule_floors: tuple[FloorWindow, ...] = key("scheduleFloors", "schedule", "",
+                                 "known peaks: YAML list of {start, end, desiredReplicas, timezone} windows (KEDA "
+                                 "cron trigger fields; 5-field crons) during which at least desiredReplicas are "
+                                 "asked for, from startupSeconds before each start")  # fmt: skip
     raw: tuple[tuple[str, str], ...] = field(default=(), compare=False, repr=False)
 
     @property
@@ -344,6 +357,10 @@ def _check_rules(v: dict[str, Any], model: LatencyModel | None) -> None:
         raise MetadataError("costPerHour", "required (> 0) when variantGroup is set: the split minimises cost")
     if v["min_replicas"] > v["max_replicas"]:
         raise MetadataError("minReplicas", f"must be <= maxReplicas ({v['max_replicas']}), got {v['min_replicas']}")
+    for i, w in enumerate(v["schedule_floors"]):
+        if w.replicas > v["max_replicas"]:
+            raise MetadataError("scheduleFloors", f"window {i + 1}: desiredReplicas {w.replicas} is above maxReplicas "
+                                                  f"({v['max_replicas']})")
     stable, panic = v["stable_window_s"], v["panic_window_s"]
     if panic > stable:
         raise MetadataError("panicWindowSeconds", f"must be <= stableWindowSeconds ({stable:g}), got {panic:g}")

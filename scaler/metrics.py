@@ -42,6 +42,8 @@ class ScalerMetrics:
         self.obs_ttft = g("observed_ttft_seconds", "Observed TTFT at the SLO percentile (latency window).")
         self.pred_itl = g("predicted_itl_seconds", "Predicted inter-token latency (current load).")
         self.obs_itl = g("observed_itl_seconds", "Observed inter-token latency at the SLO percentile.")
+        self.schedule_floor = g("schedule_floor_replicas", "The scheduled floor now (scheduleFloors; 0: no window "
+                                "active).")  # fmt: skip
         self.burst_hold = g("burst_hold_seconds", "How far back a scale-down looks for recurring bursts (0: off).")
         self.unattainable = g("slo_unattainable", "1 when no replica count meets the SLO at the current request "
                               "sizes (the decision holds instead of growing).")  # fmt: skip
@@ -84,9 +86,10 @@ class ScalerMetrics:
         )  # fmt: skip
         self._gauges = [self.desired, self.need, self.ready, self.arrival, self.forecast, self.isl, self.osl,
                         self.prefix, self.waiting, self.running, self.kv, self.capacity, self.correction,
-                        self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold, self.unattainable,
-                        self.active, self.own_desired, self.variant_req, self.variant_cost, self.variant_unavailable,
-                        self.unschedulable, self.variant_exact]  # fmt: skip
+                        self.pred_ttft, self.obs_ttft, self.pred_itl, self.obs_itl, self.burst_hold,
+                        self.schedule_floor, self.unattainable, self.active, self.own_desired, self.variant_req,
+                        self.variant_cost, self.variant_unavailable, self.unschedulable,
+                        self.variant_exact]  # fmt: skip
 
     def publish(self, labels: tuple[str, ...], d: Decision, changed: bool) -> None:
         if d.desired >= 0:
@@ -104,6 +107,7 @@ class ScalerMetrics:
                            (self.correction, "correction"), (self.pred_ttft, "predicted_ttft_s"),
                            (self.obs_ttft, "observed_ttft_s"), (self.pred_itl, "predicted_itl_s"),
                            (self.obs_itl, "observed_itl_s"), (self.burst_hold, "burst_hold_s"),
+                           (self.schedule_floor, "schedule_floor"),
                            (self.unattainable, "slo_unattainable"), (self.own_desired, "own_desired"),
                            (self.variant_req, "variant_requirement"),
                            (self.variant_cost, "variant_group_cost_per_hour"),

@@ -22,7 +22,10 @@ Per decision (every signal interval):
    when the latest gap between bursts was at most ``maxBurstHoldSeconds``, a scale-down looks back
    ``BURST_GAP_FACTOR`` x the longest recent gap (capped by ``maxBurstHoldSeconds``) instead of the stable window,
    so pods that a burst shorter than the cold start needed are still there when the next burst comes.
-5. **Missing data** (a :class:`~scaler.signals.SignalError`): hold the last good decision (reason
+5. **Scheduled floors** (``scheduleFloors``, :mod:`scaler.schedule`): during a known peak's window (from a cold
+   start before its ``start``) no answer is below the window's ``desiredReplicas`` (reason ``schedule-floor`` when
+   the floor is what raised it). ``wall_clock`` maps ``now`` to Unix seconds for the cron windows.
+6. **Missing data** (a :class:`~scaler.signals.SignalError`): hold the last good decision (reason
    ``hold-signal-error``); before any good decision, hold the current replica count. Never treat it as idle.
 """
 
@@ -30,12 +33,14 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from kvscale.latency import LatencyModel
 from predictor.capacity import SLO, CapacityView, aggregated_mean_step_s, predict_prefill_ttft_s
 from scaler.forecast import HoltForecaster
 from scaler.metadata import ScalerSettings
+from scaler.schedule import floor_at
 from scaler.signals import PoolSignals
 
 REASONS = (
@@ -55,6 +60,7 @@ REASONS = (
     "slo-unattainable",
     "max-replicas",
     "variant-split",
+    "schedule-floor",
 )
 MIN_LATENCY_SAMPLES = 20  # observations needed before an observed percentile corrects the model
 CORRECTION_DEADBAND = 1.1  # ratios within [1/x, x] count as "the model is right"
@@ -121,7 +127,9 @@ class ScalingPolicy:
         *,
         forecast: bool = True,
         forecaster: HoltForecaster | None = None,
+        wall_clock: Callable[[float], float] = float,
     ) -> None:
+        """``wall_clock``: ``now`` -> Unix seconds, for ``scheduleFloors`` (default: ``now`` is Unix time)."""
         self.s = settings
         self.model = model
         self.slo = SLO(settings.ttft_slo_s, settings.itl_slo_s, settings.slo_percentile)
@@ -146,6 +154,7 @@ class ScalingPolicy:
         self._now_needs: deque[tuple[float, float, float, float]] = deque()
         self.bursts = BurstHold(settings.max_burst_hold_s, settings.stable_window_s)
         self.errors = 0
+        self.wall_clock = wall_clock
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def _units(self, rate: float) -> float:
@@ -190,6 +199,12 @@ class ScalingPolicy:
         self.correction += a * (ratio - self.correction)
         self._corr_t = now
 
+    def floor(self, now: float) -> int:
+        """The scheduled floor at ``now`` (0 without ``scheduleFloors``)."""
+        if not self.s.schedule_floors:
+            return 0
+        return floor_at(self.s.schedule_floors, self.wall_clock(now), self.s.startup_s)
+
     def _meets(self, m: int, need_max: float, kv_load_max: float) -> bool:
         """Re-prediction with ``m`` replicas over the stable window's worst moment: capacity and KV usage."""
         if m <= 0:
@@ -205,7 +220,7 @@ class ScalingPolicy:
             d = replace(self.last_good, at=now, reason="hold-signal-error", ok=False, active=True)
         else:
             d = Decision(now, current, "hold-no-data", ok=False, active=True)
-        self.last = d
+        self.last = d = self._floored(d)
         return d
 
     def pending(self, now: float, current: int) -> Decision:
@@ -214,8 +229,15 @@ class ScalingPolicy:
             d = replace(self.last_good, at=now, ok=False)
         else:
             d = Decision(now, current, "hold-no-data", ok=False, active=True)
-        self.last = d
+        self.last = d = self._floored(d)
         return d
+
+    def _floored(self, d: Decision) -> Decision:
+        """A hold raised to the scheduled floor (an unknown count, -1, stays unknown)."""
+        if d.desired < 0:
+            return d
+        floor = self.floor(d.at)
+        return replace(d, desired=floor) if floor > d.desired else d
 
     def decide(self, now: float, sig: PoolSignals) -> Decision:
         s = self.s
@@ -318,7 +340,7 @@ class ScalingPolicy:
         active = True
         if s.scale_to_zero:
             active = not sig.idle
-            if now - self.last_active_at >= s.stable_window_s and sig.idle:
+            if now - self.last_active_at >= s.stable_window_s and sig.idle and self.floor(now) == 0:
                 return self._commit(Decision(now, 0, "scale-to-zero", need, True, False, inputs))
 
         # Fast path: the mean need over the panic window (raw interval rates, no smoothing) when it is clearly
@@ -383,6 +405,10 @@ class ScalingPolicy:
                 reason = "hold-slo-check" if cand == base else reason
             desired = cand
         desired = max(desired, floor_)
+        scheduled = self.floor(now)
+        inputs["schedule_floor"] = float(scheduled)
+        if scheduled > desired:
+            desired, reason = scheduled, "schedule-floor"
         if unattainable and reason not in ("kv-cache",):
             reason = "slo-unattainable"
         if desired > s.max_replicas:

@@ -143,8 +143,10 @@ class ScalerService:
         kube_api_client: object | None = None,
         options: ServeOptions | None = None,
         discovery_factory: Callable[[ScalerSettings], PodDiscovery] | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``clock``: monotonic seconds (decision times, expiry). ``kube_api_client``: the Kubernetes client for pod
+        """``clock``: monotonic seconds (decision times, expiry); ``wall_clock``: Unix seconds (``scheduleFloors``'
+        cron windows). ``kube_api_client``: the Kubernetes client for pod
         discovery (default: in-cluster config, else kubeconfig). ``options``: signal timeout, expiry,
         metrics-parsing worker processes.
 
@@ -154,7 +156,7 @@ class ScalerService:
         :class:`~scaler.discovery.PodDiscovery` (``urls() -> list[str] | None``: the metrics URLs of the ready
         pods, None when unknown, which holds the decision; ``close()``). Default: Kubernetes list + watch. For
         tests, the local demo (pods listed in a file) or pods outside Kubernetes."""
-        self.clock = clock
+        self.clock, self.wall_clock = clock, wall_clock
         self.kube_api_client = kube_api_client
         self.discovery_factory = discovery_factory
         self.options = options or ServeOptions()
@@ -218,7 +220,7 @@ class ScalerService:
             tr = None
         if tr is None:
             model = self.models(s.latency_model)  # loaded by the validation above: no second read
-            policy = ScalingPolicy(s, model)
+            policy = ScalingPolicy(s, model, wall_clock=lambda _now: self.wall_clock())
             discovery: PodDiscovery | None = None
             if s.metrics_source == "pods":
                 assert self.session is not None, "start() the service first"

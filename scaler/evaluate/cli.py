@@ -73,10 +73,25 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
                    help="a mixed fleet of GPU variants (latency model or GPU shorthand such as h100, a100-40gb, "
                         "gh200 : price per replica-hour), evaluated as one variant group against fleets of each "
                         "variant alone and the oracle (aggregated pools)")  # fmt: skip
+    p.add_argument("--start-time", type=_start_time, default=0.0, metavar="ISO8601",
+                   help="the wall-clock time of the trace's start, e.g. 2026-12-01T08:00:00+01:00 (what the cron "
+                        "windows of --metadata scheduleFloors=... see; default 1970-01-01T00:00:00Z)")  # fmt: skip
     p.add_argument("--jobs", type=int, default=0,
                    help="policies run at once, each in a worker process (default 0: one per CPU core)")  # fmt: skip
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG of load and replicas over time here")
+
+
+def _start_time(text: str) -> float:
+    """An ISO 8601 time (without a zone: UTC) as Unix seconds."""
+    from datetime import UTC, datetime
+
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an ISO 8601 time such as 2026-12-01T08:00:00Z, got {text!r}") \
+            from None
+    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
 
 
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
@@ -107,6 +122,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
         kvscale_hpa=args.kvscale_hpa, requests=requests, router_policy=args.router_policy,
         termination_grace_s=args.termination_grace_seconds,
         trace_name=args.trace_file.name if args.trace_file is not None else "", size_to_peak=args.rate_scale is None,
+        start_epoch_s=args.start_time,
     )  # fmt: skip
 
 

@@ -59,6 +59,8 @@ class EvalConfig:
     # The engine pods' terminationGracePeriodSeconds (deploy/base/engine/deployment.yaml; a test keeps them equal):
     # what a draining replica still holds that much after its scale-down is killed
     termination_grace_s: float | None = 120.0
+    # Unix seconds of virtual time 0: what the cron windows of ``scheduleFloors`` see (default 1970-01-01 00:00 UTC)
+    start_epoch_s: float = 0.0
 
     def pool_names(self) -> tuple[str, ...]:
         return ("prefill", "decode") if self.pools == "pd" else ("aggregated",)
@@ -258,7 +260,8 @@ class Evaluation:
             producers = []
             hpas = []
             for p in pools:
-                policy = ScalingPolicy(self.settings[p], self.model, forecast=name != "kvscale-noforecast")
+                policy = ScalingPolicy(self.settings[p], self.model, forecast=name != "kvscale-noforecast",
+                                       wall_clock=lambda now: cfg.start_epoch_s + now)  # fmt: skip
                 source = VirtualSource(cluster, p, self.settings[p], self.max_model_len)
                 cluster.deletion_cost[p] = source.deletion_cost  # drain-safe scale-down: idle pods go first
                 prod = KvscaleProducer(policy, source, cluster)

@@ -246,7 +246,8 @@ class VariantEvaluation:
                   "maxReplicas": str(self.max[v.name])}  # fmt: skip
             settings = parse_scaler_metadata(md, load_model=lambda spec, m=ev.model: m)
             source = VirtualSource(cluster, POOL, settings, self.first.max_model_len, variant=v.name)
-            prod = KvscaleProducer(ScalingPolicy(settings, ev.model), source, cluster)
+            policy = ScalingPolicy(settings, ev.model, wall_clock=lambda now: self.cfg.start_epoch_s + now)
+            prod = KvscaleProducer(policy, source, cluster)
             target = _VariantTarget(cluster, v.name)
 
             def share(now: float, name: str = v.name) -> float:
