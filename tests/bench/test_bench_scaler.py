@@ -8,6 +8,7 @@ defaults (300 s scale-down stabilization), the baselines under the defaults; eac
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -93,6 +94,35 @@ def test_bench_scaling_on_recorded_traces(record_bench):
         results[label] = res
         assert all(0 <= p["slo_attainment"] <= 1 for p in res["policies"].values())
     record_bench("scaler_recorded_traces", results)
+
+
+def test_bench_scheduled_floors(record_bench):
+    """kvscale with and without ``scheduleFloors`` over the known peak of a 1-hour step (5x from 08:20 to 08:40)
+    and diurnal (peak 08:30) trace, chat: the floor is the oracle's peak count (what last week's traffic would tell
+    an operator), from 08:20 to 08:40 (a cold start earlier by the policy's lead). docs/scaler.md "Scheduled
+    floors" quotes these figures."""
+    start = 1_796_112_000.0  # 2026-12-01T08:00:00Z
+    table = Table(title="scheduled floors: GPU-hours / SLO attainment / TTFT p99")
+    for col in ("trace", "floor", "kvscale", "kvscale + floor", "oracle"):
+        table.add_column(col, justify="left" if col == "trace" else "right")
+    results = {}
+    for trace in ("step", "diurnal"):
+        cfg = EvalConfig(trace=trace, workload="chat", duration_s=3600.0, policies=("kvscale", "oracle"),
+                         start_epoch_s=start)  # fmt: skip
+        plain = Evaluation(cfg).run(jobs=2)["policies"]
+        floor = int(plain["oracle"]["max_replicas"])
+        md = {"scheduleFloors": f'[{{start: "20 8 * * *", end: "40 8 * * *", desiredReplicas: {floor}}}]'}
+        floored = Evaluation(dataclasses.replace(cfg, policies=("kvscale",), metadata=md)).run()
+        f = floored["policies"]["kvscale"]
+
+        def cell(r: dict) -> str:
+            return f"{r['gpu_hours']:.2f} / {r['slo_attainment'] * 100:.2f}% / {r['ttft_p99_s']:.2f}s"
+
+        table.add_row(trace, str(floor), cell(plain["kvscale"]), cell(f), cell(plain["oracle"]))
+        results[trace] = {"floor": floor, "kvscale": plain["kvscale"], "kvscale_floor": f, "oracle": plain["oracle"]}
+        assert f["gpu_hours"] > 0 and 0 <= f["slo_attainment"] <= 1
+    Console(width=160).print(table)
+    record_bench("scaler_scheduled_floors", results)
 
 
 def test_bench_reaction_to_a_5x_step(record_bench):
