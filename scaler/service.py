@@ -330,8 +330,10 @@ class ScalerService:
         now = self.clock()
         unschedulable = getattr(tr.discovery, "unschedulable", None)  # a discovery_factory's object may lack it
         stuck = unschedulable() if callable(unschedulable) else None
+        # a scheduled floor of this variant is its minimum while the window is active: the split counts it
+        floor = max(s.min_replicas, tr.policy.floor(now))
         split = group.observe(tr.key[1], now, own, ready=int(ready), cost_per_hour=s.cost_per_hour,
-                              min_replicas=s.min_replicas, max_replicas=s.max_replicas, unschedulable=stuck)
+                              min_replicas=floor, max_replicas=s.max_replicas, unschedulable=stuck)
         unavailable = set(group.unavailable(now))
         mine = own
         for name in group.members:

@@ -123,8 +123,9 @@ class _VariantHpas:
             if prod.next_t == before or d is None or not d.ok or d.desired < 0:
                 continue  # no new decision, or a hold: the member keeps its share
             s = self.group.observe(v, now, d, ready=len(cluster.serving_replicas(POOL, now, v)),
-                                   cost_per_hour=self.costs[v], min_replicas=MIN_REPLICAS,
-                                   max_replicas=self.max_replicas[v])
+                                   cost_per_hour=self.costs[v],
+                                   min_replicas=max(MIN_REPLICAS, prod.policy.floor(now)),  # scheduleFloors
+                                   max_replicas=self.max_replicas[v])  # fmt: skip
             self.share.update(s.counts)
         for _, hpa, target in self.members.values():
             hpa.sync(now, target)
