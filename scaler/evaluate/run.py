@@ -421,7 +421,7 @@ class Evaluation:
             "requests_dropped": int(sum(1 for r in result.records if r.dropped)),
             "requests_killed_by_scale_down": int(sum(1 for r in result.records if r.killed)),
             "prefix_hit_rate": float(result.array("cached_tokens").sum() / max(result.array("input_len").sum(), 1.0)),
-        }
+        } | (_per_pool(result, self.cfg.pool_names(), self.cfg.gpus_per_replica) if self.cfg.pools == "pd" else {})
 
     def policy_figures(self, name: str) -> dict[str, Any]:
         """One policy's run, as the results record it: its figures (with ``wall_s``), timeline and HPA."""
@@ -508,6 +508,29 @@ def _total_timeline(result: ClusterResult, pools: tuple[str, ...]) -> list[tuple
             last[pool] = total
             series.append((t, sum(last.values())))
     return series
+
+
+REVERSAL_S = 300.0  # a change of a pool's count against its previous change within this long: an oscillation
+
+
+def _per_pool(result: ClusterResult, pools: tuple[str, ...], gpus: int) -> dict[str, dict[str, float]]:
+    """P/D: each pool's GPU-hours, most replicas, and reversals (a change in the opposite direction of the pool's
+    previous change, less than :data:`REVERSAL_S` after it: the 2 -> 1 -> 2 oscillation)."""
+    out: dict[str, dict[str, float]] = {"gpu_hours_per_pool": {}, "max_replicas_per_pool": {}, "reversals_per_pool": {}}
+    for pool in pools:
+        counts = [(t, total) for t, p, _serving, total in result.timeline if p == pool]
+        reversals, last_t, last_dir, prev = 0, -math.inf, 0, None
+        for t, n in counts:
+            if prev is not None and n != prev:
+                direction = 1 if n > prev else -1
+                if last_dir and direction != last_dir and t - last_t < REVERSAL_S:
+                    reversals += 1
+                last_t, last_dir = t, direction
+            prev = n
+        out["gpu_hours_per_pool"][pool] = result.replica_seconds.get(pool, 0.0) / 3600.0 * gpus
+        out["max_replicas_per_pool"][pool] = max((n for _, n in counts), default=0)
+        out["reversals_per_pool"][pool] = reversals
+    return out
 
 
 def _load_series(trace: list[TraceRequest], bucket_s: float) -> list[tuple[float, float]]:
