@@ -19,29 +19,15 @@ import grpc
 import pytest
 from aiohttp import web
 from routers_for_tests import serve_app
+from scalers_for_tests import scaler
 
 from harness.load import poisson_load
-from harness.procs import free_port
 from harness.simpods import sim_pods, slow_latency_model, write_latency_model
 from protos import externalscaler_pb2 as pb
-from protos import externalscaler_pb2_grpc as pb_grpc
 from scaler.app import ScalerApp
-from scaler.service import ScalerService, ServeOptions
+from scaler.service import ScalerService
 
 VLLM_PAGE = Path(__file__).parents[1] / "data" / "vllm_reference" / "metrics.txt"
-
-
-@contextlib.asynccontextmanager
-async def scaler(**options) -> AsyncIterator[tuple[ScalerApp, pb_grpc.ExternalScalerStub]]:
-    options.setdefault("parse_workers", 0)
-    app = ScalerApp(ScalerService(options=ServeOptions(**options)), host="127.0.0.1", grpc_port=free_port(),
-                    metrics_port=free_port(), grace_s=0.5)  # fmt: skip
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.bound_grpc_port}") as ch:
-            yield app, pb_grpc.ExternalScalerStub(ch)
-    finally:
-        await app.stop()
 
 
 def ref(md: dict[str, str], name: str = "so") -> pb.ScaledObjectRef:

@@ -6,35 +6,18 @@ so that the test does not wait for 08:00; everything else is the production path
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import aiohttp
 import grpc
 import pytest
+from scalers_for_tests import scaler
 
-from harness.procs import free_port
 from harness.simpods import sim_pods
 from protos import externalscaler_pb2 as pb
-from protos import externalscaler_pb2_grpc as pb_grpc
-from scaler.app import ScalerApp
-from scaler.service import ScalerService, ServeOptions
 
 WALL = {"now": datetime(2026, 12, 1, 7, 0, tzinfo=UTC).timestamp()}
-
-
-@contextlib.asynccontextmanager
-async def scaler() -> AsyncIterator[tuple[ScalerApp, pb_grpc.ExternalScalerStub]]:
-    service = ScalerService(options=ServeOptions(parse_workers=0), wall_clock=lambda: WALL["now"])
-    app = ScalerApp(service, host="127.0.0.1", grpc_port=free_port(), metrics_port=free_port(), grace_s=0.5)
-    await app.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.bound_grpc_port}") as ch:
-            yield app, pb_grpc.ExternalScalerStub(ch)
-    finally:
-        await app.stop()
 
 
 async def desired(stub, ref: pb.ScaledObjectRef, want: int, within_s: float = 5.0) -> int:
@@ -51,7 +34,8 @@ async def desired(stub, ref: pb.ScaledObjectRef, want: int, within_s: float = 5.
 
 @pytest.mark.timeout(120)
 async def test_a_scheduled_window_raises_the_answer_ahead_of_its_start() -> None:
-    async with sim_pods(1) as pods, scaler() as (app, stub), aiohttp.ClientSession() as http:
+    async with sim_pods(1) as pods, scaler(wall_clock=lambda: WALL["now"]) as (app, stub), \
+            aiohttp.ClientSession() as http:  # fmt: skip
         md = {"pool": "aggregated", "model": "sim-model", "podUrls": pods[0].metrics_url,
               "signalIntervalSeconds": "0.3", "latencyWindowSeconds": "1", "stableWindowSeconds": "1",
               "panicWindowSeconds": "0.5", "startupSeconds": "120",
