@@ -23,8 +23,8 @@ Per decision (every signal interval):
    ``BURST_GAP_FACTOR`` x the longest recent gap (capped by ``maxBurstHoldSeconds``) instead of the stable window,
    so pods that a burst shorter than the cold start needed are still there when the next burst comes.
 5. **Scheduled floors** (``scheduleFloors``, :mod:`scaler.schedule`): during a known peak's window (from a cold
-   start before its ``start``) no answer is below the window's ``desiredReplicas`` (reason ``schedule-floor`` when
-   the floor is what raised it). ``wall_clock`` maps ``now`` to Unix seconds for the cron windows.
+   start before its ``start``) no answer is below the window's ``desiredReplicas`` (reason ``schedule-floor`` while
+   the floor is what holds the count). ``wall_clock`` maps ``now`` to Unix seconds for the cron windows.
 6. **Missing data** (a :class:`~scaler.signals.SignalError`): hold the last good decision (reason
    ``hold-signal-error``); before any good decision, hold the current replica count. Never treat it as idle.
 """
@@ -407,7 +407,7 @@ class ScalingPolicy:
         desired = max(desired, floor_)
         scheduled = self.floor(now)
         inputs["schedule_floor"] = float(scheduled)
-        if scheduled > desired:
+        if scheduled >= desired and scheduled > math.ceil(need - 1e-9):  # the floor is what holds the count
             desired, reason = scheduled, "schedule-floor"
         if unattainable and reason not in ("kv-cache",):
             reason = "slo-unattainable"

@@ -102,15 +102,16 @@ def test_policy_holds_the_floor_then_scales_down_after_the_end(scale_to_zero: bo
     t0 = at("2026-12-01T07:50:00")
     p = ScalingPolicy(parse_scaler_metadata(md), MODEL, wall_clock=lambda now: t0 + now)
     rate = 0.0 if scale_to_zero else 2.0
-    seen = {}
+    seen, reasons = {}, {}
     for i in range(0, 3600 // 5):
         now = i * 5.0
         d = p.decide(now, _sig(now, rate, max(seen.get(now - 5.0, 1), 1)))
-        seen[now] = d.desired
+        seen[now], reasons[now] = d.desired, d.reason
     t = {k: v for k, v in seen.items()}
     assert t[600 - 95] == (0 if scale_to_zero else 1)  # 07:58:25, before the lead
     assert t[600 - 90] == 6 and p.floor(600 - 90) == 6  # 07:58:30: a cold start ahead of 08:00
     assert all(t[s] == 6 for s in range(510, 2400, 5))  # held to 08:30 whatever the load
+    assert all(reasons[s] == "schedule-floor" for s in range(510, 2400, 5))  # and the floor is why, throughout
     assert t[2400 + 120] < 6  # after the end the stable window lets it go
     # demand above the floor still scales up, and a hold is never below the floor
     busy = ScalingPolicy(parse_scaler_metadata(md), MODEL, wall_clock=lambda now: t0 + now)
@@ -118,6 +119,9 @@ def test_policy_holds_the_floor_then_scales_down_after_the_end(scale_to_zero: bo
     for i in range(120, 140):
         d = busy.decide(i * 5.0, _sig(i * 5.0, 200.0, 6))
     assert d is not None and d.desired > 6 and d.reason != "schedule-floor"
+    # started inside a window: within its first stable window too, the floor is the reason the count holds
+    inside = ScalingPolicy(parse_scaler_metadata(md), MODEL, wall_clock=lambda now: t0 + 600 + now)
+    assert [inside.decide(t, _sig(t, rate, 6)).reason for t in (0.0, 5.0, 10.0)] == ["schedule-floor"] * 3
     held = ScalingPolicy(parse_scaler_metadata(md), MODEL, wall_clock=lambda now: t0 + now)
     held.decide(0.0, _sig(0.0, rate, 1))
     assert held.hold(900.0, "pods unreachable").desired == 6
